@@ -1,0 +1,66 @@
+"""Shared input checks and backend selection for the MHLA ops."""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States and sums are fp32 for half inputs and fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """`scale`, or `head_dim ** -0.5` when it is None."""
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q, k: [B, N, H, Dk]; v: [B, N, H, Dv], all float, all on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, N, H, D], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q and k must have the same shape [B, N, H, Dk], got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must share [B, N, H] with q, got q {tuple(q.shape)} and v {tuple(v.shape)}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_mixing(mixing: torch.Tensor, size: int, num_heads: int, what: str) -> None:
+    """`mixing` must be [size, size] or per-head [num_heads, size, size]."""
+    ok_shapes = ((size, size), (num_heads, size, size))
+    if tuple(mixing.shape) not in ok_shapes:
+        raise ValueError(
+            f"mixing must be [{size}, {size}] or [{num_heads}, {size}, {size}] for {what}, "
+            f"got {tuple(mixing.shape)}"
+        )
+
+
+def expand_mixing(mixing: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A mixing matrix as [H, M, M] (a view for a shared matrix)."""
+    if mixing.dim() == 2:
+        return mixing.unsqueeze(0).expand(num_heads, *mixing.shape)
+    return mixing
+
+
+def resolve_backend(backend: str, device: torch.device, triton_available: bool) -> str:
+    """Map "auto" to "triton" on CUDA when kernels exist, else "torch"; reject unknown names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if (device.type == "cuda" and triton_available) else "torch"
+    if backend == "triton" and not triton_available:
+        raise NotImplementedError(
+            "backend='triton' has no kernel for this op yet; use backend='torch' or 'auto'"
+        )
+    return backend
