@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make test` (set up, run the tests) and `make demo` (set up, run the main job).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= dev
+STAMP  := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: setup test demo lint clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# torch first, pinned to the build on this machine's disk; then the project (editable) with its extras.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+test: setup
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) scripts/bench_ops.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

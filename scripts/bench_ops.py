@@ -1,0 +1,255 @@
+"""Time MHLA ops against softmax attention (SDPA) and linear attention on the current device.
+
+    python scripts/bench_ops.py                      # CUDA: paper shapes; CPU: small shapes
+    python scripts/bench_ops.py --markdown docs/benchmarks.md --plot docs/img/ops_speed.png
+
+Non-causal: SDPA (flash and cuDNN backends on CUDA, the default backend on CPU), plain linear
+attention in PyTorch, MHLA PyTorch reference, MHLA Triton. Causal: fla chunk_linear_attn (if
+installed), MHLA reference (backend="torch"), MHLA Triton. Times are medians (CUDA events through
+triton.testing.do_bench on CUDA, perf_counter on CPU); forward and forward+backward; peak memory
+on CUDA is the allocator's peak during one fwd+bwd minus the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mhla_core import causal_mixing_init, chunk_mhla, mhla
+from mhla_core.ops.causal import chunk_mhla_triton
+from mhla_core.ops.noncausal import mhla_triton
+
+# (name, B, H, N, D, blocks)
+NONCAUSAL_CUDA = [
+    ("DiT-S", 8, 6, 256, 64, 16),
+    ("4K", 1, 12, 4096, 128, 64),
+    ("Wan 480p", 1, 12, 31500, 128, 150),
+    ("63K", 1, 12, 63000, 128, 300),
+    ("126K", 1, 12, 126000, 128, 600),
+]
+NONCAUSAL_CPU = [("small", 2, 4, 256, 32, 16), ("1K", 1, 4, 1024, 32, 16)]
+# (name, B, H, T, Dk, Dv, chunk)
+CAUSAL_CUDA = [("B8 T2K", 8, 4, 2048, 128, 256, 64), ("B1 T8K", 1, 4, 8192, 128, 256, 64),
+               ("B1 T32K", 1, 4, 32768, 128, 256, 64)]
+CAUSAL_CPU = [("T512", 1, 2, 512, 32, 32, 64)]
+
+
+def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_time(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu_time
+
+
+def _measure(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], timer, device) -> dict:
+    """Forward time, forward+backward time and extra peak memory (CUDA) of one implementation."""
+    row: dict = {}
+    try:
+        with torch.no_grad():
+            row["fwd"] = timer(fwd)
+        grad = None
+
+        def fwd_bwd():
+            nonlocal grad
+            out = fwd()
+            if grad is None:
+                grad = torch.randn_like(out)
+            torch.autograd.grad(out, inputs, grad)
+
+        row["fwdbwd"] = timer(fwd_bwd)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            row["mem"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. out of memory at 126K
+        row["error"] = str(err).splitlines()[0][:60]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    return run
+
+
+def _linear_attention(q, k, v):
+    """Plain (M = 1) linear attention in PyTorch, fp32 state."""
+    kv = torch.einsum("bnhk,bnhv->bhkv", k.float(), v.float())
+    num = torch.einsum("bnhk,bhkv->bnhv", q.float(), kv)
+    den = torch.einsum("bnhk,bhk->bnh", q.float(), k.float().sum(1)) + 1e-6
+    return (num / den.unsqueeze(-1)).to(v.dtype)
+
+
+def _noncausal_impls(q, k, v, W, L, device) -> dict[str, Callable[[], torch.Tensor]]:
+    impls: dict[str, Callable[[], torch.Tensor]] = {}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        impls["SDPA flash"] = lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v)
+        impls["SDPA cuDNN"] = lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v)
+    else:
+        impls["SDPA"] = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2))
+    impls["linear attn (torch)"] = lambda: _linear_attention(q, k, v)
+    impls["MHLA reference (torch)"] = lambda: mhla(q, k, v, W, block_size=L, backend="torch")
+    if device.type == "cuda" and mhla_triton is not None:
+        impls["MHLA triton"] = lambda: mhla(q, k, v, W, block_size=L, backend="triton")
+    return impls
+
+
+def _causal_impls(q, k, v, W, C, device, chunk_linear_attn) -> dict[str, Callable[[], torch.Tensor]]:
+    impls: dict[str, Callable[[], torch.Tensor]] = {}
+    if chunk_linear_attn is not None and device.type == "cuda":
+        impls["fla chunk_linear_attn"] = lambda: chunk_linear_attn(q, k, v, normalize=False)[0]
+    impls["MHLA reference (torch)"] = lambda: chunk_mhla(q, k, v, W, chunk_size=C, backend="torch")[0]
+    if device.type == "cuda" and chunk_mhla_triton is not None:
+        impls["MHLA triton"] = lambda: chunk_mhla(q, k, v, W, chunk_size=C, backend="triton")[0]
+    return impls
+
+
+def noncausal_rows(shapes, device, dtype, timer) -> list[dict]:
+    rows = []
+    for name, B, H, N, D, M in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.rand(B, N, H, D, device=device, dtype=dtype, generator=g).requires_grad_()
+                   for _ in range(3))
+        W = torch.rand(M, M, device=device, generator=g).requires_grad_()
+        impls = _noncausal_impls(q, k, v, W, N // M, device)
+        for impl, fn in impls.items():
+            print(f"  {name:10s} {impl} ...", flush=True)
+            row = _measure(fn, [q, k, v, W] if "MHLA" in impl else [q, k, v], timer, device)
+            rows.append(dict(shape=f"{name} ({B}, {H}, {N}, {D}, {M})", tokens=N, impl=impl, **row))
+    return rows
+
+
+def causal_rows(shapes, device, dtype, timer) -> list[dict]:
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        chunk_linear_attn = None
+    rows = []
+    for name, B, H, T, Dk, Dv, C in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k = (torch.rand(B, T, H, Dk, device=device, dtype=dtype, generator=g).requires_grad_() for _ in range(2))
+        v = torch.randn(B, T, H, Dv, device=device, dtype=dtype, generator=g).requires_grad_()
+        W = causal_mixing_init(math.ceil(T / C)).to(device).requires_grad_()
+        impls = _causal_impls(q, k, v, W, C, device, chunk_linear_attn)
+        for impl, fn in impls.items():
+            print(f"  {name:10s} {impl} ...", flush=True)
+            row = _measure(fn, [q, k, v, W] if "MHLA" in impl else [q, k, v], timer, device)
+            rows.append(dict(shape=f"{name} (B={B}, H={H}, T={T}, Dk={Dk}, Dv={Dv}, C={C})", tokens=T,
+                             impl=impl, **row))
+    return rows
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """A markdown table; the ratio column is each row's fwd+bwd over the shape's MHLA triton row."""
+    lines = ["| shape | implementation | fwd ms | fwd+bwd ms | peak extra GiB | fwd / MHLA fwd |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        best = [x for x in rows if x["shape"] == r["shape"] and x["impl"] == "MHLA triton" and "fwd" in x]
+        ref = best[0] if best else next(x for x in rows if x["shape"] == r["shape"] and "MHLA" in x["impl"])
+        ratio = r.get("fwd") / ref["fwd"] if r.get("fwd") and ref.get("fwd") else None
+        err = f" ({r['error']})" if "error" in r else ""
+        lines.append(f"| {r['shape']} | {r['impl']}{err} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwdbwd'))} | "
+                     f"{_fmt(r.get('mem'), '.2f')} | {_fmt(ratio, '.1f')} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "absent"
+    return (f"{card}, torch {torch.__version__}, triton {tv}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    nc = [r for r in rows if "T=" not in r["shape"] and r.get("fwd")]
+    for impl in dict.fromkeys(r["impl"] for r in nc):
+        pts = sorted((r["tokens"], r["fwd"]) for r in nc if r["impl"] == impl and r["shape"].split()[0] != "DiT-S")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=impl)
+    ax.set(xscale="log", yscale="log", xlabel="tokens N (B=1, H=12, D=128)", ylabel="forward ms (median)",
+           title="Non-causal attention forward")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    ap.add_argument("--only", choices=["noncausal", "causal"], default=None)
+    ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
+    ap.add_argument("--markdown", default=None, help="write the tables to this markdown file")
+    ap.add_argument("--plot", default=None, help="write a log-log plot of forward time vs tokens")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    timer = _timer(device, args.reps)
+    cuda = device.type == "cuda"
+    env = environment(device)
+    print(f"# {env}, {dtype}")
+    sections = []
+    if args.only in (None, "noncausal"):
+        rows = noncausal_rows(NONCAUSAL_CUDA if cuda else NONCAUSAL_CPU, device, dtype, timer)
+        sections.append(("Non-causal (shape: B, H, N, D, blocks)", rows))
+    if args.only in (None, "causal"):
+        sections.append(("Causal (chunked)", causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)))
+    text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in sections)
+    print(f"\n{text}\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# Operator benchmarks\n\nMeasured with `python scripts/bench_ops.py` on {env}, "
+                    f"{dtype}. Medians.\n\n{text}\n")
+    if args.plot and sections and sections[0][0].startswith("Non-causal"):
+        plot(sections[0][1], args.plot)
+
+
+if __name__ == "__main__":
+    main()
