@@ -1,0 +1,283 @@
+"""Triton kernels for causal chunked MHLA (SPEC section 2).
+
+All kernels work on a flat list of "chunk rows": every chunk of every sequence (batch row or packed
+document) that a call touches. Row c is described by the int32 table `tbl[c, :]`:
+
+    TOK   first token of the chunk in the flattened token axis (b * T + t, or t when packed)
+    LEN   tokens of the chunk (<= C; the first chunk after an offset and the last one may be short)
+    FIRST row of the first chunk of the same sequence (rows of one sequence are consecutive)
+    LAST  row of the last chunk of the same sequence
+    WIDX  chunk index inside its sequence, i.e. the row/column of the mixing matrix W
+
+q, k, v, o are [Ntok, H, D] contiguous; chunk states are [Nrows, H, Dk, Dv] (X = Dk * Dv per head).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+TOK, LEN, FIRST, LAST, WIDX = 0, 1, 2, 3, 4
+NCOL = 5
+
+# The Triton interpreter multiplies bf16 operands as raw uint16; there, dots run on fp32 copies.
+_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; PREC is a tl.dot input_precision, or "bf16" to round operands to bf16."""
+    if PREC == "bf16":
+        if _UPCAST:
+            out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
+        else:
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        if _UPCAST:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+        else:
+            out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def chunk_state_kernel(
+    x_ptr, y_ptr, out_ptr, tbl_ptr, scale, H, DX, DY,
+    BC: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[c, h] = scale * X_c^T Y_c over the tokens of chunk row c (S = K^T V, or dS~ = s Q^T dO)."""
+    i_ch, i_x, i_y = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c = i_ch // H
+    h = i_ch % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    t = tl.arange(0, BC)
+    ox = i_x * BX + tl.arange(0, BX)
+    oy = i_y * BY + tl.arange(0, BY)
+    rows = (tok0 + t) * H + h
+    xt = tl.load(x_ptr + rows[None, :] * DX + ox[:, None], mask=(t[None, :] < n) & (ox[:, None] < DX), other=0.0)
+    y = tl.load(y_ptr + rows[:, None] * DY + oy[None, :], mask=(t[:, None] < n) & (oy[None, :] < DY), other=0.0)
+    acc = _dot(xt, y, PREC) * scale
+    base = out_ptr + (c.to(tl.int64) * H + h) * DX * DY
+    tl.store(base + ox[:, None] * DY + oy[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(ox[:, None] < DX) & (oy[None, :] < DY))
+
+
+@triton.jit
+def mix_kernel(
+    s_ptr, w_ptr, add_ptr, out_ptr, tbl_ptr, NR, H, X, L,
+    TRANS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+):
+    """Mix chunk states of one sequence with W (strictly lower part), for one head:
+
+    TRANS=False: out[q] = sum_{r < q, same seq} W[w(q), w(r)] S[r]      (S~ from S)
+    TRANS=True:  out[r] = sum_{q > r, same seq} W[w(q), w(r)] S[q]      (dS from dS~)
+    plus add[...] when HAS_ADD. Grid: (row blocks of BM, column blocks of BN, H); row blocks vary
+    fastest so that programs running together share their column tiles of S in L2.
+    """
+    i_m, i_n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m0 = i_m * BM
+    rows = m0 + tl.arange(0, BM)
+    rmask = rows < NR
+    cols = i_n * BN + tl.arange(0, BN)
+    cmask = cols < X
+    r_first = tl.load(tbl_ptr + rows * 5 + 2, mask=rmask, other=-1)
+    r_w = tl.load(tbl_ptr + rows * 5 + 4, mask=rmask, other=0)
+    m_last = tl.minimum(m0 + BM, NR) - 1
+    if TRANS:
+        lo = m0 + 1
+        hi = tl.load(tbl_ptr + m_last * 5 + 3) + 1
+    else:
+        lo = tl.load(tbl_ptr + m0 * 5 + 2)
+        hi = m_last
+    lo = (lo // BR) * BR
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    w_base = w_ptr + h * L * L
+    for k0 in range(lo, hi, BR):
+        kr = k0 + tl.arange(0, BR)
+        kmask = kr < hi
+        k_first = tl.load(tbl_ptr + kr * 5 + 2, mask=kmask, other=-2)
+        k_w = tl.load(tbl_ptr + kr * 5 + 4, mask=kmask, other=0)
+        same = (k_first[None, :] == r_first[:, None]) & kmask[None, :] & rmask[:, None]
+        if TRANS:
+            ok = same & (kr[None, :] > rows[:, None])
+            w = tl.load(w_base + k_w[None, :] * L + r_w[:, None], mask=ok, other=0.0)
+        else:
+            ok = same & (kr[None, :] < rows[:, None])
+            w = tl.load(w_base + r_w[:, None] * L + k_w[None, :], mask=ok, other=0.0)
+        s = tl.load(s_ptr + (kr[:, None].to(tl.int64) * H + h) * X + cols[None, :],
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += _dot(w.to(s.dtype), s, PREC)
+    offs = (rows[:, None].to(tl.int64) * H + h) * X + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if HAS_ADD:
+        acc += tl.load(add_ptr + offs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def mix_grad_kernel(
+    g_ptr, s_ptr, dw_ptr, tbl_ptr, NR, H, X, L, NRB, x_per_split,
+    BM: tl.constexpr, BN: tl.constexpr, BX: tl.constexpr, PREC: tl.constexpr,
+):
+    """dW[h, w(q), w(r)] += <G[q, h], S[r, h]> for r < q of one sequence (G = dS~), via atomics.
+
+    Grid: (q-block * NRB + r-block, H, split of the X = Dk * Dv columns); block pairs vary fastest
+    so that programs running together share one column slice in L2. Pairs with no r < q of one
+    sequence exit at once.
+    """
+    pid, h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_q = pid // NRB
+    i_r = pid % NRB
+    q0 = i_q * BM
+    r0 = i_r * BN
+    q_hi = tl.minimum(q0 + BM, NR) - 1
+    first_q0 = tl.load(tbl_ptr + q0 * 5 + 2)
+    if (r0 < q_hi) & (r0 + BN - 1 >= first_q0):
+        qr = q0 + tl.arange(0, BM)
+        rr = r0 + tl.arange(0, BN)
+        qm = qr < NR
+        rm = rr < NR
+        x_lo = i_s * x_per_split
+        x_hi = tl.minimum(x_lo + x_per_split, X)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for x0 in range(x_lo, x_hi, BX):
+            xs = x0 + tl.arange(0, BX)
+            xm = xs < x_hi
+            a = tl.load(g_ptr + (qr[:, None].to(tl.int64) * H + h) * X + xs[None, :],
+                        mask=qm[:, None] & xm[None, :], other=0.0)
+            b = tl.load(s_ptr + (rr[None, :].to(tl.int64) * H + h) * X + xs[:, None],
+                        mask=rm[None, :] & xm[:, None], other=0.0)
+            acc += _dot(a.to(b.dtype), b, PREC)
+        q_first = tl.load(tbl_ptr + qr * 5 + 2, mask=qm, other=-1)
+        r_first = tl.load(tbl_ptr + rr * 5 + 2, mask=rm, other=-2)
+        q_w = tl.load(tbl_ptr + qr * 5 + 4, mask=qm, other=0)
+        r_w = tl.load(tbl_ptr + rr * 5 + 4, mask=rm, other=0)
+        ok = (q_first[:, None] == r_first[None, :]) & (rr[None, :] < qr[:, None]) & qm[:, None] & rm[None, :]
+        tl.atomic_add(dw_ptr + h * L * L + q_w[:, None] * L + r_w[None, :], acc, mask=ok)
+
+
+@triton.jit
+def chunk_fwd_o_kernel(
+    q_ptr, k_ptr, v_ptr, st_ptr, w_ptr, o_ptr, tbl_ptr, scale, H, DK, DV, L,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """o = s Q S~ + s W[i, i] tril(Q K^T) V for chunk row c, head h, one tile of Dv."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    c = i_ch // H
+    h = i_ch % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    wi = tl.load(tbl_ptr + c * 5 + 4)
+    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
+    t = tl.arange(0, BC)
+    tm = t < n
+    rows = (tok0 + t) * H + h
+    ov = i_v * BV + tl.arange(0, BV)
+    vm = ov < DV
+    st_base = st_ptr + (c.to(tl.int64) * H + h) * DK * DV
+    acc_o = tl.zeros([BC, BV], dtype=tl.float32)
+    acc_p = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        ok = k0 + tl.arange(0, BK)
+        km = ok < DK
+        q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        kt = tl.load(k_ptr + rows[None, :] * DK + ok[:, None], mask=tm[None, :] & km[:, None], other=0.0)
+        st = tl.load(st_base + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
+        acc_p += _dot(q, kt, PREC)
+        acc_o += _dot(q, st.to(q.dtype), PREC)
+    p = tl.where(t[:, None] >= t[None, :], acc_p * d, 0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+    acc_o += _dot(p.to(v.dtype), v, PREC)
+    tl.store(o_ptr + rows[:, None] * DV + ov[None, :], (acc_o * scale).to(o_ptr.dtype.element_ty),
+             mask=tm[:, None] & vm[None, :])
+
+
+@triton.jit
+def chunk_bwd_dqdk_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, st_ptr, ds_ptr, w_ptr, dq_ptr, dk_ptr, tbl_ptr, scale, H, DK, DV, L,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq = s dO S~^T + s W[i,i] tril(dO V^T) K;  dk = V dS^T + s W[i,i] tril(dO V^T)^T Q (one Dk tile)."""
+    i_ch, i_k = tl.program_id(0), tl.program_id(1)
+    c = i_ch // H
+    h = i_ch % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    wi = tl.load(tbl_ptr + c * 5 + 4)
+    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
+    t = tl.arange(0, BC)
+    tm = t < n
+    rows = (tok0 + t) * H + h
+    ok = i_k * BK + tl.arange(0, BK)
+    km = ok < DK
+    s_off = (c.to(tl.int64) * H + h) * DK * DV
+    acc_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_dk = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_dp = tl.zeros([BC, BC], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        ov = v0 + tl.arange(0, BV)
+        vm = ov < DV
+        do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+        st_t = tl.load(st_ptr + s_off + ok[None, :] * DV + ov[:, None], mask=km[None, :] & vm[:, None], other=0.0)
+        ds_t = tl.load(ds_ptr + s_off + ok[None, :] * DV + ov[:, None], mask=km[None, :] & vm[:, None], other=0.0)
+        acc_dp += _dot(do, tl.trans(v), PREC)
+        acc_dq += _dot(do, st_t.to(do.dtype), PREC)
+        acc_dk += _dot(v, ds_t.to(v.dtype), PREC)
+    dp = tl.where(t[:, None] >= t[None, :], acc_dp * d, 0.0)
+    q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    k = tl.load(k_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    acc_dq += _dot(dp.to(k.dtype), k, PREC)
+    acc_dk += _dot(tl.trans(dp).to(q.dtype), q, PREC) * scale
+    omask = tm[:, None] & km[None, :]
+    tl.store(dq_ptr + rows[:, None] * DK + ok[None, :], (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=omask)
+    tl.store(dk_ptr + rows[:, None] * DK + ok[None, :], acc_dk.to(dk_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def chunk_bwd_dv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, ds_ptr, w_ptr, dv_ptr, dw_ptr, tbl_ptr, scale, H, DK, DV, L,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dv = K dS + s W[i,i] tril(Q K^T)^T dO (one Dv tile); dW[i, i] += s <tril(Q K^T) V, dO>."""
+    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    c = i_ch // H
+    h = i_ch % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    wi = tl.load(tbl_ptr + c * 5 + 4)
+    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
+    t = tl.arange(0, BC)
+    tm = t < n
+    rows = (tok0 + t) * H + h
+    ov = i_v * BV + tl.arange(0, BV)
+    vm = ov < DV
+    s_base = ds_ptr + (c.to(tl.int64) * H + h) * DK * DV
+    acc_dv = tl.zeros([BC, BV], dtype=tl.float32)
+    acc_p = tl.zeros([BC, BC], dtype=tl.float32)
+    for k0 in range(0, DK, BK):
+        ok = k0 + tl.arange(0, BK)
+        km = ok < DK
+        q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        k = tl.load(k_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        ds = tl.load(s_base + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
+        acc_p += _dot(q, tl.trans(k), PREC)
+        acc_dv += _dot(k, ds.to(k.dtype), PREC)
+    p = tl.where(t[:, None] >= t[None, :], acc_p * scale, 0.0)  # [query t, key u]
+    do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+    pdo = _dot(tl.trans(p).to(do.dtype), do, PREC)  # [u, BV]
+    acc_dv += pdo * d
+    tl.store(dv_ptr + rows[:, None] * DV + ov[None, :], acc_dv.to(dv_ptr.dtype.element_ty),
+             mask=tm[:, None] & vm[None, :])
+    gd = tl.sum(tl.sum(pdo * v.to(tl.float32), axis=1), axis=0)
+    tl.atomic_add(dw_ptr + h * L * L + wi * (L + 1), gd)
+
+
+def next_pow2(x: int, lo: int = 16) -> int:
+    """The smallest power of two >= max(x, lo)."""
+    return max(lo, triton.next_power_of_2(int(x)))
