@@ -48,7 +48,11 @@ def chunk_state_kernel(
     BC: tl.constexpr, BX: tl.constexpr, BY: tl.constexpr, PREC: tl.constexpr,
 ):
     """out[c, h] = scale * X_c^T Y_c over the tokens of chunk row c (S = K^T V, or dS~ = s Q^T dO)."""
-    i_ch, i_x, i_y = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nx, ny = tl.cdiv(DX, BX), tl.cdiv(DY, BY)
+    pid = tl.program_id(0)  # flat grid, the tiles of one chunk adjacent (they share its tokens in L2)
+    i_ch = pid // (nx * ny)
+    i_x = (pid % (nx * ny)) // ny
+    i_y = pid % ny
     c = i_ch // H
     h = i_ch % H
     tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
@@ -56,9 +60,11 @@ def chunk_state_kernel(
     t = tl.arange(0, BC)
     ox = i_x * BX + tl.arange(0, BX)
     oy = i_y * BY + tl.arange(0, BY)
-    rows = (tok0 + t) * H + h
-    xt = tl.load(x_ptr + rows[None, :] * DX + ox[:, None], mask=(t[None, :] < n) & (ox[:, None] < DX), other=0.0)
-    y = tl.load(y_ptr + rows[:, None] * DY + oy[None, :], mask=(t[:, None] < n) & (oy[None, :] < DY), other=0.0)
+    row0 = tok0 * H + h
+    xt = tl.load(x_ptr + row0 * DX + t[None, :] * (H * DX) + ox[:, None],
+                 mask=(t[None, :] < n) & (ox[:, None] < DX), other=0.0)
+    y = tl.load(y_ptr + row0 * DY + t[:, None] * (H * DY) + oy[None, :],
+                mask=(t[:, None] < n) & (oy[None, :] < DY), other=0.0)
     acc = _dot(xt, y, PREC) * scale
     base = out_ptr + (c.to(tl.int64) * H + h) * DX * DY
     tl.store(base + ox[:, None] * DY + oy[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -80,7 +86,8 @@ def mix_kernel(
     """
     i_m, i_n, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m0 = i_m * BM
-    rows = m0 + tl.arange(0, BM)
+    i = tl.arange(0, BM)
+    rows = m0 + i
     rmask = rows < NR
     cols = i_n * BN + tl.arange(0, BN)
     cmask = cols < X
@@ -96,8 +103,9 @@ def mix_kernel(
     lo = (lo // BR) * BR
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     w_base = w_ptr + h * L * L
+    j = tl.arange(0, BR)
     for k0 in range(lo, hi, BR):
-        kr = k0 + tl.arange(0, BR)
+        kr = k0 + j
         kmask = kr < hi
         k_first = tl.load(tbl_ptr + kr * 5 + 2, mask=kmask, other=-2)
         k_w = tl.load(tbl_ptr + kr * 5 + 4, mask=kmask, other=0)
@@ -108,14 +116,15 @@ def mix_kernel(
         else:
             ok = same & (kr[None, :] < rows[:, None])
             w = tl.load(w_base + r_w[:, None] * L + k_w[None, :], mask=ok, other=0.0)
-        s = tl.load(s_ptr + (kr[:, None].to(tl.int64) * H + h) * X + cols[None, :],
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        s_blk = s_ptr + (k0 * H + h).to(tl.int64) * X
+        s = tl.load(s_blk + j[:, None] * (H * X) + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc += _dot(w.to(s.dtype), s, PREC)
-    offs = (rows[:, None].to(tl.int64) * H + h) * X + cols[None, :]
+    o_blk = (m0.to(tl.int64) * H + h) * X
+    offs = i[:, None] * (H * X) + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
     if HAS_ADD:
-        acc += tl.load(add_ptr + offs, mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        acc += tl.load(add_ptr + o_blk + offs, mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + o_blk + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -137,20 +146,22 @@ def mix_grad_kernel(
     q_hi = tl.minimum(q0 + BM, NR) - 1
     first_q0 = tl.load(tbl_ptr + q0 * 5 + 2)
     if (r0 < q_hi) & (r0 + BN - 1 >= first_q0):
-        qr = q0 + tl.arange(0, BM)
-        rr = r0 + tl.arange(0, BN)
+        a_i = tl.arange(0, BM)
+        b_i = tl.arange(0, BN)
+        qr = q0 + a_i
+        rr = r0 + b_i
         qm = qr < NR
         rm = rr < NR
         x_lo = i_s * x_per_split
         x_hi = tl.minimum(x_lo + x_per_split, X)
+        g_blk = g_ptr + (q0.to(tl.int64) * H + h) * X
+        s_blk = s_ptr + (r0.to(tl.int64) * H + h) * X
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for x0 in range(x_lo, x_hi, BX):
             xs = x0 + tl.arange(0, BX)
             xm = xs < x_hi
-            a = tl.load(g_ptr + (qr[:, None].to(tl.int64) * H + h) * X + xs[None, :],
-                        mask=qm[:, None] & xm[None, :], other=0.0)
-            b = tl.load(s_ptr + (rr[None, :].to(tl.int64) * H + h) * X + xs[:, None],
-                        mask=rm[None, :] & xm[:, None], other=0.0)
+            a = tl.load(g_blk + a_i[:, None] * (H * X) + xs[None, :], mask=qm[:, None] & xm[None, :], other=0.0)
+            b = tl.load(s_blk + b_i[None, :] * (H * X) + xs[:, None], mask=rm[None, :] & xm[:, None], other=0.0)
             acc += _dot(a.to(b.dtype), b, PREC)
         q_first = tl.load(tbl_ptr + qr * 5 + 2, mask=qm, other=-1)
         r_first = tl.load(tbl_ptr + rr * 5 + 2, mask=rm, other=-2)
@@ -166,7 +177,9 @@ def chunk_fwd_o_kernel(
     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """o = s Q S~ + s W[i, i] tril(Q K^T) V for chunk row c, head h, one tile of Dv."""
-    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    nv = tl.cdiv(DV, BV)
+    i_ch = tl.program_id(0) // nv
+    i_v = tl.program_id(0) % nv
     c = i_ch // H
     h = i_ch % H
     tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
@@ -175,25 +188,26 @@ def chunk_fwd_o_kernel(
     d = tl.load(w_ptr + h * L * L + wi * (L + 1))
     t = tl.arange(0, BC)
     tm = t < n
-    rows = (tok0 + t) * H + h
+    row0 = tok0 * H + h
+    q_blk, k_blk = q_ptr + row0 * DK, k_ptr + row0 * DK
     ov = i_v * BV + tl.arange(0, BV)
     vm = ov < DV
-    st_base = st_ptr + (c.to(tl.int64) * H + h) * DK * DV
+    st_blk = st_ptr + (c.to(tl.int64) * H + h) * DK * DV
     acc_o = tl.zeros([BC, BV], dtype=tl.float32)
     acc_p = tl.zeros([BC, BC], dtype=tl.float32)
     for k0 in range(0, DK, BK):
         ok = k0 + tl.arange(0, BK)
         km = ok < DK
-        q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        kt = tl.load(k_ptr + rows[None, :] * DK + ok[:, None], mask=tm[None, :] & km[:, None], other=0.0)
-        st = tl.load(st_base + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
+        q = tl.load(q_blk + t[:, None] * (H * DK) + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        kt = tl.load(k_blk + t[None, :] * (H * DK) + ok[:, None], mask=tm[None, :] & km[:, None], other=0.0)
+        st = tl.load(st_blk + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
         acc_p += _dot(q, kt, PREC)
         acc_o += _dot(q, st.to(q.dtype), PREC)
     p = tl.where(t[:, None] >= t[None, :], acc_p * d, 0.0)
-    v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+    v_offs = row0 * DV + t[:, None] * (H * DV) + ov[None, :]
+    v = tl.load(v_ptr + v_offs, mask=tm[:, None] & vm[None, :], other=0.0)
     acc_o += _dot(p.to(v.dtype), v, PREC)
-    tl.store(o_ptr + rows[:, None] * DV + ov[None, :], (acc_o * scale).to(o_ptr.dtype.element_ty),
-             mask=tm[:, None] & vm[None, :])
+    tl.store(o_ptr + v_offs, (acc_o * scale).to(o_ptr.dtype.element_ty), mask=tm[:, None] & vm[None, :])
 
 
 @triton.jit
@@ -202,7 +216,9 @@ def chunk_bwd_dqdk_kernel(
     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq = s dO S~^T + s W[i,i] tril(dO V^T) K;  dk = V dS^T + s W[i,i] tril(dO V^T)^T Q (one Dk tile)."""
-    i_ch, i_k = tl.program_id(0), tl.program_id(1)
+    nk = tl.cdiv(DK, BK)
+    i_ch = tl.program_id(0) // nk
+    i_k = tl.program_id(0) % nk
     c = i_ch // H
     h = i_ch % H
     tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
@@ -211,31 +227,36 @@ def chunk_bwd_dqdk_kernel(
     d = tl.load(w_ptr + h * L * L + wi * (L + 1))
     t = tl.arange(0, BC)
     tm = t < n
-    rows = (tok0 + t) * H + h
+    row0 = tok0 * H + h
+    do_blk, v_blk = do_ptr + row0 * DV, v_ptr + row0 * DV
     ok = i_k * BK + tl.arange(0, BK)
     km = ok < DK
     s_off = (c.to(tl.int64) * H + h) * DK * DV
+    st_blk, ds_blk = st_ptr + s_off, ds_ptr + s_off
     acc_dq = tl.zeros([BC, BK], dtype=tl.float32)
     acc_dk = tl.zeros([BC, BK], dtype=tl.float32)
     acc_dp = tl.zeros([BC, BC], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         ov = v0 + tl.arange(0, BV)
         vm = ov < DV
-        do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
-        st_t = tl.load(st_ptr + s_off + ok[None, :] * DV + ov[:, None], mask=km[None, :] & vm[:, None], other=0.0)
-        ds_t = tl.load(ds_ptr + s_off + ok[None, :] * DV + ov[:, None], mask=km[None, :] & vm[:, None], other=0.0)
+        offs = t[:, None] * (H * DV) + ov[None, :]
+        do = tl.load(do_blk + offs, mask=tm[:, None] & vm[None, :], other=0.0)
+        v = tl.load(v_blk + offs, mask=tm[:, None] & vm[None, :], other=0.0)
+        s_offs = ok[None, :] * DV + ov[:, None]  # [BV, BK]: the transposed tile
+        st_t = tl.load(st_blk + s_offs, mask=km[None, :] & vm[:, None], other=0.0)
+        ds_t = tl.load(ds_blk + s_offs, mask=km[None, :] & vm[:, None], other=0.0)
         acc_dp += _dot(do, tl.trans(v), PREC)
         acc_dq += _dot(do, st_t.to(do.dtype), PREC)
         acc_dk += _dot(v, ds_t.to(v.dtype), PREC)
     dp = tl.where(t[:, None] >= t[None, :], acc_dp * d, 0.0)
-    q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-    k = tl.load(k_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+    k_offs = row0 * DK + t[:, None] * (H * DK) + ok[None, :]
+    kmask = tm[:, None] & km[None, :]
+    q = tl.load(q_ptr + k_offs, mask=kmask, other=0.0)
+    k = tl.load(k_ptr + k_offs, mask=kmask, other=0.0)
     acc_dq += _dot(dp.to(k.dtype), k, PREC)
     acc_dk += _dot(tl.trans(dp).to(q.dtype), q, PREC) * scale
-    omask = tm[:, None] & km[None, :]
-    tl.store(dq_ptr + rows[:, None] * DK + ok[None, :], (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=omask)
-    tl.store(dk_ptr + rows[:, None] * DK + ok[None, :], acc_dk.to(dk_ptr.dtype.element_ty), mask=omask)
+    tl.store(dq_ptr + k_offs, (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dk_ptr + k_offs, acc_dk.to(dk_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -244,7 +265,9 @@ def chunk_bwd_dv_kernel(
     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """dv = K dS + s W[i,i] tril(Q K^T)^T dO (one Dv tile); dW[i, i] += s <tril(Q K^T) V, dO>."""
-    i_ch, i_v = tl.program_id(0), tl.program_id(1)
+    nv = tl.cdiv(DV, BV)
+    i_ch = tl.program_id(0) // nv
+    i_v = tl.program_id(0) % nv
     c = i_ch // H
     h = i_ch % H
     tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
@@ -253,27 +276,30 @@ def chunk_bwd_dv_kernel(
     d = tl.load(w_ptr + h * L * L + wi * (L + 1))
     t = tl.arange(0, BC)
     tm = t < n
-    rows = (tok0 + t) * H + h
+    row0 = tok0 * H + h
+    q_blk, k_blk = q_ptr + row0 * DK, k_ptr + row0 * DK
     ov = i_v * BV + tl.arange(0, BV)
     vm = ov < DV
-    s_base = ds_ptr + (c.to(tl.int64) * H + h) * DK * DV
+    ds_blk = ds_ptr + (c.to(tl.int64) * H + h) * DK * DV
     acc_dv = tl.zeros([BC, BV], dtype=tl.float32)
     acc_p = tl.zeros([BC, BC], dtype=tl.float32)
     for k0 in range(0, DK, BK):
         ok = k0 + tl.arange(0, BK)
         km = ok < DK
-        q = tl.load(q_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        k = tl.load(k_ptr + rows[:, None] * DK + ok[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        ds = tl.load(s_base + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
+        offs = t[:, None] * (H * DK) + ok[None, :]
+        q = tl.load(q_blk + offs, mask=tm[:, None] & km[None, :], other=0.0)
+        k = tl.load(k_blk + offs, mask=tm[:, None] & km[None, :], other=0.0)
+        ds = tl.load(ds_blk + ok[:, None] * DV + ov[None, :], mask=km[:, None] & vm[None, :], other=0.0)
         acc_p += _dot(q, tl.trans(k), PREC)
         acc_dv += _dot(k, ds.to(k.dtype), PREC)
     p = tl.where(t[:, None] >= t[None, :], acc_p * scale, 0.0)  # [query t, key u]
-    do = tl.load(do_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
-    v = tl.load(v_ptr + rows[:, None] * DV + ov[None, :], mask=tm[:, None] & vm[None, :], other=0.0)
+    v_offs = row0 * DV + t[:, None] * (H * DV) + ov[None, :]
+    vmask = tm[:, None] & vm[None, :]
+    do = tl.load(do_ptr + v_offs, mask=vmask, other=0.0)
+    v = tl.load(v_ptr + v_offs, mask=vmask, other=0.0)
     pdo = _dot(tl.trans(p).to(do.dtype), do, PREC)  # [u, BV]
     acc_dv += pdo * d
-    tl.store(dv_ptr + rows[:, None] * DV + ov[None, :], acc_dv.to(dv_ptr.dtype.element_ty),
-             mask=tm[:, None] & vm[None, :])
+    tl.store(dv_ptr + v_offs, acc_dv.to(dv_ptr.dtype.element_ty), mask=vmask)
     gd = tl.sum(tl.sum(pdo * v.to(tl.float32), axis=1), axis=0)
     tl.atomic_add(dw_ptr + h * L * L + wi * (L + 1), gd)
 

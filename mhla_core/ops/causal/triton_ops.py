@@ -26,7 +26,7 @@ from mhla_core.ops.utils import expand_mixing
 LAUNCH: dict[str, dict[str, int]] = {
     "state": {"BX": 64, "BY": 64, "num_warps": 4, "num_stages": 2},
     "fwd_o": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
-    "mix": {"BM": 64, "BN": 128, "BR": 32, "num_warps": 4, "num_stages": 3},
+    "mix": {"BM": 64, "BN": 128, "BR": 32, "num_warps": 8, "num_stages": 3},
     "mix_grad": {"BM": 32, "BN": 32, "BX": 128, "num_warps": 4, "num_stages": 3, "x_per_program": 2048},
     "dqdk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
     "dv": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
@@ -34,9 +34,9 @@ LAUNCH: dict[str, dict[str, int]] = {
 # Numerics of half (bf16 / fp16) inputs; fp32 inputs always run exact fp32 dots on fp32 states.
 # MIX_PREC_HALF: operand precision of the chunk-mixing GEMMs (S~ = W S, dS = W^T dS~, dW = dS~ S^T):
 #   "tf32" (default) or "bf16" (operands rounded to bf16, twice the tensor-core rate).
-# STATE_HALF: keep the internal chunk states S and dS~ in the input dtype instead of fp32 (halves their
-#   traffic; returned final states stay fp32). S~ and dS are stored in the input dtype in any case:
-#   the kernels that read them round them to it before their dots, so this loses nothing.
+# STATE_HALF: keep the internal chunk states S and dS~ in bf16 instead of fp32 (halves their traffic;
+#   returned final states stay fp32). S~ and dS are stored in the input dtype in any case: the
+#   kernels that read them round them to it before their dots, so that loses nothing.
 MIX_PREC_HALF = "tf32"
 STATE_HALF = False
 
@@ -57,7 +57,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if (STATE_HALF and dtype != torch.float32) else torch.float32
+    return torch.bfloat16 if (STATE_HALF and dtype != torch.float32) else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _chunk_states(x, y, tbl, scale, dots, dtype):
     cfg = LAUNCH["state"]
     BX, BY = _p2(DX, cfg["BX"]), _p2(DY, cfg["BY"])
     BC = dots["BC"]
-    grid = (NR * H, triton.cdiv(DX, BX), triton.cdiv(DY, BY))
+    grid = (NR * H * triton.cdiv(DX, BX) * triton.cdiv(DY, BY),)
     K.chunk_state_kernel[grid](x, y, out, tbl, scale, H, DX, DY, BC=BC, BX=BX, BY=BY, PREC=dots["prec"],
                                **_launch("state"))
     return out
@@ -116,7 +116,7 @@ def _mix_grad(g, s, tbl, dw, prec):
 
 
 def _dots(q, C):
-    return {"BC": K.next_pow2(C), "prec": "ieee" if q.dtype == torch.float32 else MIX_PREC_HALF}
+    return {"BC": K.next_pow2(C), "prec": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
 def _fwd_impl(q, k, v, W, extra, tbl, C, scale, return_states):
@@ -131,7 +131,7 @@ def _fwd_impl(q, k, v, W, extra, tbl, C, scale, return_states):
     if NR:
         cfg = LAUNCH["fwd_o"]
         BK, BV = _p2(DK, cfg["BK"]), _p2(DV, cfg["BV"])
-        K.chunk_fwd_o_kernel[(NR * H, triton.cdiv(DV, BV))](
+        K.chunk_fwd_o_kernel[(NR * H * triton.cdiv(DV, BV),)](
             q, k, v, St, W, o, tbl, scale, H, DK, DV, W.shape[-1],
             BC=dots["BC"], BK=BK, BV=BV, PREC=dots["prec"], **_launch("fwd_o"))
     return o, S
@@ -153,12 +153,12 @@ def _bwd_impl(do, dS_out, q, k, v, W, extra, tbl, C, scale):
     if NR:
         cfg = LAUNCH["dqdk"]
         BK, BV = _p2(DK, cfg["BK"]), _p2(DV, cfg["BV"])
-        K.chunk_bwd_dqdk_kernel[(NR * H, triton.cdiv(DK, BK))](
+        K.chunk_bwd_dqdk_kernel[(NR * H * triton.cdiv(DK, BK),)](
             q, k, v, do, St, dS, W, dq, dk, tbl, scale, H, DK, DV, L,
             BC=dots["BC"], BK=BK, BV=BV, PREC=dots["prec"], **_launch("dqdk"))
         cfg = LAUNCH["dv"]
         BK, BV = _p2(DK, cfg["BK"]), _p2(DV, cfg["BV"])
-        K.chunk_bwd_dv_kernel[(NR * H, triton.cdiv(DV, BV))](
+        K.chunk_bwd_dv_kernel[(NR * H * triton.cdiv(DV, BV),)](
             q, k, v, do, dS, W, dv, dW, tbl, scale, H, DK, DV, L,
             BC=dots["BC"], BK=BK, BV=BV, PREC=dots["prec"], **_launch("dv"))
     else:
