@@ -1,3 +1,9 @@
-"""MHLA image classification (to come): timm-registered DeiT-style ViTs with softmax, linear and MHLA
-attention, and compact train/eval scripts on timm's data, mixup, optimiser, scheduler and EMA APIs,
-with one YAML config per row of the paper's ImageNet table."""
+"""MHLA image classification: timm-registered DeiT-style ViTs with MHLA or linear attention, and compact
+train / eval scripts on timm's data, mixup, optimiser, scheduler and EMA APIs.
+
+Importing the package registers `mhla_deit_{tiny,small,base}_patch16_{224,384,512}` and
+`linear_deit_{tiny,small,base}_patch16_224` with timm."""
+
+from mhla_image_classification.models import MODEL_NAMES, constrain_mixing
+
+__all__ = ["MODEL_NAMES", "constrain_mixing"]

@@ -1,0 +1,108 @@
+"""ImageNet-layout folders, seeded augmentation and a resumable sampler for the training script."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import ImageDataset, create_transform
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def check_split(data_dir: str | Path, split: str) -> Path:
+    """Return `data_dir/split`, or raise a clear error unless it holds class folders with images."""
+    root = Path(data_dir) / split
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} does not exist (expected {data_dir}/train and /val)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is missing: --data-dir needs the ImageNet layout {split}/<class>/<image>")
+    classes = [d for d in root.iterdir() if d.is_dir()]
+    if not classes:
+        raise ValueError(f"{root} has no class folders: expected {split}/<class>/<image>")
+    if not any(f.suffix.lower() in IMAGE_SUFFIXES for d in classes for f in d.iterdir()):
+        raise ValueError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return root
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2**31 - 1)
+
+
+class SeededDataset(Dataset):
+    """Applies `transform` with RNGs seeded from (seed, epoch, index): augmentation is a pure function of
+    the sample, so a resumed run sees the same images whatever the worker count. Keys are (epoch, index)."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int) -> None:
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        img, target = self.dataset[index]
+        return self.transform(img), target
+
+
+class EpochSampler(Sampler):
+    """Shuffled (or ordered) indices for one epoch, sharded over ranks, optionally skipping a prefix.
+
+    Yields (epoch, index) keys for `SeededDataset`; `skip` counts samples of this rank already consumed.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world: int = 1,
+                 pad: bool = True, skip: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.rank, self.world, self.pad, self.skip = rank, world, pad, skip
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        if self.pad and self.world > 1:
+            idx += idx[: (-len(idx)) % self.world]
+        return idx[self.rank :: self.world][self.skip :]
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self._indices()])
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+def build_transforms(data_cfg: dict, args) -> tuple:
+    """timm's training (RandAugment, colour jitter, random erasing) and evaluation transforms."""
+    train_tf = create_transform(
+        data_cfg["input_size"], is_training=True, auto_augment=args.aa or None, color_jitter=args.color_jitter,
+        re_prob=args.reprob, re_mode="pixel", interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
+        std=data_cfg["std"], scale=(args.scale_min, 1.0), hflip=args.hflip)
+    eval_tf = create_transform(
+        data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
+        std=data_cfg["std"], crop_pct=data_cfg["crop_pct"])
+    return train_tf, eval_tf
+
+
+def train_loader(dataset: SeededDataset, *, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+                 workers: int, skip_batches: int = 0) -> DataLoader:
+    """A loader over one epoch of `dataset`, starting after `skip_batches` batches (for exact resume)."""
+    sampler = EpochSampler(len(dataset), seed=seed, epoch=epoch, shuffle=True, rank=rank, world=world,
+                           skip=skip_batches * batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def eval_loader(root: Path, transform, *, batch_size: int, rank: int, world: int, workers: int) -> DataLoader:
+    """Evaluation loader over a class-folder split, sharded over ranks without padding."""
+    ds = SeededDataset(ImageDataset(str(root)), transform, seed=0)
+    sampler = EpochSampler(len(ds), seed=0, epoch=0, shuffle=False, rank=rank, world=world, pad=False)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers)

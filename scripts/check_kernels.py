@@ -1,0 +1,141 @@
+"""Check the Triton MHLA kernels against a float64 reference on CUDA; print a table.
+
+    python scripts/check_kernels.py [--markdown docs/kernels_check.md] [--quick]
+
+Every check draws fresh random inputs, runs the op with backend="triton" in the given dtype,
+and compares the output and the gradients of q, k, v and the mixing matrix with backend="torch"
+on the same inputs upcast to float64: relative error ||x - ref|| / ||ref||. Tolerances: fp32
+1e-3 (tf32 allowed), bf16 and fp16 2e-2; NaN never passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from mhla_core import causal_mixing_init, chunk_mhla, mhla
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+# (B, H, N, Dk, Dv, blocks, per_head, normalize, normalizer)
+NONCAUSAL = [
+    (8, 6, 256, 64, 64, 16, False, True, "exact"),  # DiT-S
+    (8, 6, 256, 64, 64, 16, False, True, "reference"),
+    (1, 12, 31500, 128, 128, 150, False, True, "exact"),  # Wan 480p, L = 210
+    (1, 12, 31500, 128, 128, 150, False, True, "reference"),
+    (2, 4, 1000, 64, 64, 40, True, True, "exact"),  # L = 25
+    (2, 4, 1000, 64, 64, 40, True, False, "exact"),
+    (2, 3, 588, 32, 32, 12, False, True, "reference"),  # L = 49
+    (1, 2, 768, 256, 256, 3, False, True, "exact"),  # head dim 256
+    (2, 2, 630, 96, 160, 7, True, True, "reference"),  # Dk != Dv, L = 90
+    (1, 4, 4096, 128, 128, 1, False, True, "exact"),  # one block: linear attention
+]
+# (B, H, T, Dk, Dv, chunk, per_head, doc lengths or None)
+CAUSAL = [
+    (2, 4, 2048, 128, 256, 64, False, None),
+    (1, 4, 1000, 128, 256, 64, True, None),  # partial last chunk
+    (1, 2, 1500, 64, 64, 64, False, [700, 31, 769]),  # packed documents
+    (3, 2, 513, 32, 64, 32, True, None),
+    (1, 4, 8192, 128, 128, 64, False, None),
+]
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(x).all():
+        return float("nan")
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _grads(out, leaves, dout):
+    return torch.autograd.grad(out, leaves, dout)
+
+
+def check_noncausal(case, dtype) -> dict:
+    B, H, N, Dk, Dv, M, per_head, normalize, normalizer = case
+    q = torch.rand(B, N, H, Dk, device="cuda").to(dtype)
+    k = torch.rand(B, N, H, Dk, device="cuda").to(dtype)
+    v = torch.randn(B, N, H, Dv, device="cuda").to(dtype)
+    W = torch.rand(*((H, M, M) if per_head else (M, M)), device="cuda")
+    dout = torch.randn(B, N, H, Dv, device="cuda")
+    kw = dict(block_size=N // M, normalize=normalize, normalizer=normalizer)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, W)]
+    out = mhla(*leaves, backend="triton", **kw)
+    grads = _grads(out, leaves, dout.to(out.dtype))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, W)]
+    ref = mhla(*ref_leaves, backend="torch", **kw)
+    ref_grads = _grads(ref, ref_leaves, dout.double())
+    errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    return dict(shape=f"({B}, {H}, {N}, {Dk}/{Dv}, M={M}, L={N // M})",
+                variant=f"{normalizer if normalize else 'unnormalized'}{', per-head' if per_head else ''}",
+                errs=errs)
+
+
+def check_causal(case, dtype) -> dict:
+    B, H, T, Dk, Dv, C, per_head, docs = case
+    q = (torch.rand(B, T, H, Dk, device="cuda") / math.sqrt(Dk)).to(dtype)
+    k = (torch.rand(B, T, H, Dk, device="cuda") / math.sqrt(Dk)).to(dtype)
+    v = torch.randn(B, T, H, Dv, device="cuda").to(dtype)
+    L = math.ceil((max(docs) if docs else T) / C)
+    W = causal_mixing_init(L).cuda() + 0.1 * torch.rand(*((H, L, L) if per_head else (L, L)), device="cuda")
+    cu = torch.tensor([0] + list(torch.tensor(docs).cumsum(0)), device="cuda") if docs else None
+    dout = torch.randn(B, T, H, Dv, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, W)]
+    out, _ = chunk_mhla(*leaves, chunk_size=C, cu_seqlens=cu, backend="triton")
+    grads = _grads(out, leaves, dout.to(out.dtype))
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, W)]
+    ref, _ = chunk_mhla(*ref_leaves, chunk_size=C, cu_seqlens=cu, backend="torch")
+    ref_grads = _grads(ref, ref_leaves, dout.double())
+    errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+    return dict(shape=f"causal ({B}, {H}, {T}, {Dk}/{Dv}, C={C})",
+                variant=("packed " + str(docs) if docs else "dense") + (", per-head" if per_head else ""), errs=errs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--quick", action="store_true", help="first two cases of each kind, bf16 only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("check_kernels.py needs CUDA")
+    dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16]
+    nc, ca = (NONCAUSAL[:2], CAUSAL[:2]) if args.quick else (NONCAUSAL, CAUSAL)
+    rows, failures = [], 0
+    for dtype in dtypes:
+        for fn, cases in ((check_noncausal, nc), (check_causal, ca)):
+            for case in cases:
+                torch.manual_seed(len(rows))
+                try:
+                    r = fn(case, dtype)
+                except Exception as err:  # report and continue: one failing case must not hide the others
+                    r = dict(shape=str(case), variant=f"ERROR {type(err).__name__}: {str(err)[:80]}",
+                             errs=[float("nan")] * 5)
+                r["dtype"] = str(dtype).replace("torch.", "")
+                r["ok"] = all(e <= TOL[dtype] for e in r["errs"])  # NaN compares False
+                failures += not r["ok"]
+                rows.append(r)
+                print(f"{r['dtype']:9s} {r['shape']:40s} {r['variant']:30s} "
+                      + " ".join(f"{e:.1e}" for e in r["errs"]) + ("" if r["ok"] else "  FAIL"), flush=True)
+    lines = ["| dtype | shape | variant | o | dq | dk | dv | dW | within tolerance |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['shape']} | {r['variant']} | "
+                     + " | ".join(f"{e:.1e}" for e in r["errs"]) + f" | {'yes' if r['ok'] else 'NO'} |")
+    table = "\n".join(lines)
+    env = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    try:
+        import triton
+
+        env += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    print(f"\n{env}\n{table}\n{len(rows) - failures}/{len(rows)} checks within tolerance")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Measured with `python scripts/check_kernels.py` on {env}.\n\n{table}\n")
+    raise SystemExit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
