@@ -24,6 +24,9 @@ from mhla_core.config import ParseKwargs, load_yaml
 from mhla_image_classification.data import build_transforms, check_split, eval_loader
 from mhla_image_classification.evaluate import evaluate
 
+MHLA_KWARGS = {"piece_size", "transform", "exp_sigma", "local_thres", "normalizer", "pad_image", "pad_tokens",
+               "lepe_kernel", "mixing_constraint"}  # dropped for timm's own (softmax) models
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=30, help="timed batches per model in --throughput")
+    p.add_argument("--train", action="store_true", help="--throughput of training steps instead of inference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -62,31 +66,49 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict]:
     return model, cfg
 
 
+def _images_per_second(model: torch.nn.Module, x: torch.Tensor, device: torch.device, steps: int,
+                       train: bool) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6) if train else None
+
+    def step():
+        with _amp(device):
+            out = model(x)
+        if opt is not None:
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    with torch.set_grad_enabled(train):
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return x.shape[0] * steps / (time.perf_counter() - t0)
+
+
 def throughput(names: Sequence[str], batch_size: int, device: torch.device, steps: int, img_size: int | None,
-               model_kwargs: dict) -> list[dict]:
-    """Images per second of a forward pass (bf16 autocast on CUDA) for each model name."""
+               model_kwargs: dict, train: bool = False) -> list[dict]:
+    """Images per second (bf16 autocast on CUDA) of a forward pass, or with `train` of a full training
+    step (forward, backward, AdamW step) on random data, for each model name."""
     rows = []
     for name in names:
-        kwargs = dict(model_kwargs) if name.startswith(("mhla_", "linear_")) else {}
+        ours = name.startswith(("mhla_", "linear_"))
+        kwargs = {k: v for k, v in model_kwargs.items() if ours or k not in MHLA_KWARGS}
         if img_size:
             kwargs["img_size"] = img_size
-        model = timm.create_model(name, **kwargs).to(device).eval()
+        model = timm.create_model(name, **kwargs).to(device).train(train)
         override = {"input_size": (3, img_size, img_size)} if img_size else {}
         size = resolve_data_config(override, model=model)["input_size"]
         x = torch.randn(batch_size, *size, device=device)
-        with torch.no_grad(), _amp(device):
-            for _ in range(3):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        rate = batch_size * steps / (time.perf_counter() - t0)
+        rate = _images_per_second(model, x, device, steps, train)
         rows.append(dict(model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6, img_per_s=rate))
-        print(f"{name:36s} {rows[-1]['params_m']:7.2f}M  {rate:10.1f} img/s", flush=True)
+        print(f"{name:36s} {rows[-1]['params_m']:7.2f}M  {rate:10.1f} img/s ({'train' if train else 'inference'})",
+              flush=True)
     return rows
 
 
@@ -94,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> dict | list[dict]:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if args.throughput:
-        return throughput(args.models, args.batch_size, device, args.steps, args.img_size, args.model_kwargs)
+        return throughput(args.models, args.batch_size, device, args.steps, args.img_size, args.model_kwargs,
+                          train=args.train)
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required (or --throughput)")
     model, cfg = model_from_checkpoint(args.checkpoint)
