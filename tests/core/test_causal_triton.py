@@ -85,12 +85,15 @@ def test_half_inputs(dtype, fast, monkeypatch):
     if fast:  # the faster, less exact settings the GPU sweep may pick
         monkeypatch.setattr(triton_ops, "STATE_HALF", True)
         monkeypatch.setattr(triton_ops, "MIX_PREC_HALF", "bf16")
+        monkeypatch.setattr(triton_ops, "SAVE_STATES", True)
     q, k, v = _inputs(2, 45, 2, 16, 32, seed=5, dtype=dtype)
     W = _mixing(3, seed=5)
     _compare(q, k, v, W, TOL[dtype], chunk_size=16)
 
 
-def test_final_state_matches():
+@pytest.mark.parametrize("save", [False, True])
+def test_final_state_matches(save, monkeypatch):
+    monkeypatch.setattr(triton_ops, "SAVE_STATES", save)
     q, k, v = _inputs(2, 43, 2, 16, 32, seed=11)
     W = _mixing(4, 2, seed=11)
     st, rst = _compare(q, k, v, W, TOL[torch.float32], chunk_size=16, output_final_state=True)
@@ -126,8 +129,10 @@ def test_prefill_then_continue(prefix):
     _same_state(st2, fst, TOL[torch.float32])
 
 
-def test_initial_state_gradients_and_mixed_offsets():
+@pytest.mark.parametrize("save", [False, True])
+def test_initial_state_gradients_and_mixed_offsets(save, monkeypatch):
     """Different offsets per sequence, gradients through the initial state, against the torch backend."""
+    monkeypatch.setattr(triton_ops, "SAVE_STATES", save)
     C = 16
     q, k, v = _inputs(2, 30, 2, 16, 32, seed=8)
     W = _mixing(5, 2, seed=8)
@@ -163,11 +168,12 @@ def test_opcheck():
     q, k, v = _inputs(1, 20, 1, 16, 16, seed=2)
     W = _mixing(2, 1, seed=2).contiguous()
     table, _ = triton_ops._table(((0, 20, 0),), 16, q.device)
-    args = (q.requires_grad_(), k, v, W, None, table, 16, 0.25, True)
-    torch.library.opcheck(torch.ops.mhla.chunk_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    dout = torch.randn_like(v)
-    bargs = (dout, torch.empty(0), q.detach(), k, v, W, None, table, 16, 0.25)
+    for return_states, save_states in ((True, False), (False, True)):
+        args = (q.clone().requires_grad_(), k, v, W, None, table, 16, 0.25, return_states, save_states, False, "ieee")
+        torch.library.opcheck(torch.ops.mhla.chunk_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    empty = torch.empty(0)
+    bargs = (torch.randn_like(v), empty, q, k, v, W, None, empty, empty, table, 16, 0.25, False, "ieee")
     torch.library.opcheck(torch.ops.mhla.chunk_bwd.default, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -180,6 +186,7 @@ def test_many_tiles(monkeypatch):
         "mix_grad": {"BM": 16, "BN": 16, "BX": 64, "num_warps": 4, "num_stages": 1, "x_per_program": 256},
         "dqdk": {"BK": 16, "BV": 16, "num_warps": 4, "num_stages": 1},
         "dv": {"BK": 16, "BV": 16, "num_warps": 4, "num_stages": 1},
+        "bwd_fused": {"fused": 0, "max_dk": 128, "BV": 16, "num_warps": 4, "num_stages": 1},
     }
     monkeypatch.setattr(triton_ops, "LAUNCH", small)
     q, k, v = _inputs(1, 80, 1, 24, 40, seed=4)
@@ -206,3 +213,14 @@ def test_torch_compile_fullgraph():
     assert _rel(out, ref) < 1e-6
     for a, b in zip(grads, ref_grads):
         assert _rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward(dtype, monkeypatch):
+    """The one-program-per-chunk backward kernel (LAUNCH["bwd_fused"]) against the torch backend."""
+    launch = {**triton_ops.LAUNCH, "bwd_fused": {**triton_ops.LAUNCH["bwd_fused"], "fused": 1, "BV": 16}}
+    monkeypatch.setattr(triton_ops, "LAUNCH", launch)
+    q, k, v = _inputs(1, 50, 2, 24, 40, seed=6, dtype=dtype)
+    W = _mixing(4, 2, seed=6)
+    cu = torch.tensor([0, 20, 50])
+    _compare(q, k, v, W, TOL[dtype], chunk_size=16, cu_seqlens=cu)

@@ -304,6 +304,65 @@ def chunk_bwd_dv_kernel(
     tl.atomic_add(dw_ptr + h * L * L + wi * (L + 1), gd)
 
 
+@triton.jit
+def chunk_bwd_fused_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, st_ptr, ds_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, tbl_ptr,
+    scale, H, DK, DV, L,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk, dv and the dW diagonal of chunk row c, head h in one program (BK >= DK; loops over Dv tiles).
+
+    Same math as chunk_bwd_dqdk_kernel + chunk_bwd_dv_kernel, reading Q, K, V, dO, S~ and dS once.
+    """
+    c = tl.program_id(0) // H
+    h = tl.program_id(0) % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    wi = tl.load(tbl_ptr + c * 5 + 4)
+    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
+    t = tl.arange(0, BC)
+    tm = t < n
+    row0 = tok0 * H + h
+    ok = tl.arange(0, BK)
+    km = ok < DK
+    k_offs = row0 * DK + t[:, None] * (H * DK) + ok[None, :]
+    kmask = tm[:, None] & km[None, :]
+    q = tl.load(q_ptr + k_offs, mask=kmask, other=0.0)
+    k = tl.load(k_ptr + k_offs, mask=kmask, other=0.0)
+    p = tl.where(t[:, None] >= t[None, :], _dot(q, tl.trans(k), PREC) * scale, 0.0)  # [query t, key u]
+    pt = tl.trans(p).to(k.dtype)
+    s_off = (c.to(tl.int64) * H + h) * DK * DV
+    st_blk, ds_blk = st_ptr + s_off, ds_ptr + s_off
+    acc_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_dk = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_dp = tl.zeros([BC, BC], dtype=tl.float32)
+    gd = tl.zeros([BV], dtype=tl.float32)
+    for v0 in range(0, DV, BV):
+        ov = v0 + tl.arange(0, BV)
+        vm = ov < DV
+        v_offs = row0 * DV + t[:, None] * (H * DV) + ov[None, :]
+        vmask = tm[:, None] & vm[None, :]
+        do = tl.load(do_ptr + v_offs, mask=vmask, other=0.0)
+        v = tl.load(v_ptr + v_offs, mask=vmask, other=0.0)
+        s_offs = ok[:, None] * DV + ov[None, :]
+        smask = km[:, None] & vm[None, :]
+        st = tl.load(st_blk + s_offs, mask=smask, other=0.0).to(do.dtype)
+        ds = tl.load(ds_blk + s_offs, mask=smask, other=0.0).to(do.dtype)
+        acc_dp += _dot(do, tl.trans(v), PREC)
+        acc_dq += _dot(do, tl.trans(st), PREC)
+        acc_dk += _dot(v, tl.trans(ds), PREC)
+        pdo = _dot(pt, do, PREC)  # [u, BV]
+        dv = _dot(k, ds, PREC) + pdo * d
+        tl.store(dv_ptr + v_offs, dv.to(dv_ptr.dtype.element_ty), mask=vmask)
+        gd += tl.sum(pdo * v.to(tl.float32), axis=0)
+    dp = tl.where(t[:, None] >= t[None, :], acc_dp * d, 0.0)
+    acc_dq += _dot(dp.to(k.dtype), k, PREC)
+    acc_dk += _dot(tl.trans(dp).to(q.dtype), q, PREC) * scale
+    tl.store(dq_ptr + k_offs, (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=kmask)
+    tl.store(dk_ptr + k_offs, acc_dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+    tl.atomic_add(dw_ptr + h * L * L + wi * (L + 1), tl.sum(gd, axis=0))
+
+
 def next_pow2(x: int, lo: int = 16) -> int:
     """The smallest power of two >= max(x, lo)."""
     return max(lo, triton.next_power_of_2(int(x)))

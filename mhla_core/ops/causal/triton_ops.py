@@ -29,6 +29,8 @@ LAUNCH: dict[str, dict[str, int]] = {
     "mix": {"BM": 64, "BN": 128, "BR": 32, "num_warps": 8, "num_stages": 3},
     "mix_grad": {"BM": 32, "BN": 32, "BX": 128, "num_warps": 4, "num_stages": 3, "x_per_program": 2048},
     "dqdk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    # fused dq/dk/dv kernel (one program per chunk and head, all of Dk): used when fused=1 and Dk <= max_dk
+    "bwd_fused": {"fused": 0, "max_dk": 128, "BV": 32, "num_warps": 8, "num_stages": 2},
     "dv": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
 }
 # Numerics of half (bf16 / fp16) inputs; fp32 inputs always run exact fp32 dots on fp32 states.
@@ -37,8 +39,11 @@ LAUNCH: dict[str, dict[str, int]] = {
 # STATE_HALF: keep the internal chunk states S and dS~ in bf16 instead of fp32 (halves their traffic;
 #   returned final states stay fp32). S~ and dS are stored in the input dtype in any case: the
 #   kernels that read them round them to it before their dots, so that loses nothing.
+# SAVE_STATES: keep S and S~ from the forward for the backward instead of recomputing them (two
+#   kernels less in the backward, at Nchunks * H * Dk * Dv * (4 + 2) bytes of memory per call).
 MIX_PREC_HALF = "tf32"
 STATE_HALF = False
+SAVE_STATES = False
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -50,14 +55,6 @@ def _p2(x: int, cap: int) -> int:
 def _launch(name: str) -> dict[str, int]:
     cfg = LAUNCH[name]
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else MIX_PREC_HALF
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.bfloat16 if (STATE_HALF and dtype != torch.float32) else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,12 +116,11 @@ def _dots(q, C):
     return {"BC": K.next_pow2(C), "prec": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-def _fwd_impl(q, k, v, W, extra, tbl, C, scale, return_states):
+def _fwd_impl(q, k, v, W, extra, tbl, C, scale, s_dtype, mprec):
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     dots = _dots(q, C)
-    mprec = _prec(q.dtype)
-    S = _chunk_states(k, v, tbl, 1.0, dots, torch.float32 if return_states else _state_dtype(q.dtype))
+    S = _chunk_states(k, v, tbl, 1.0, dots, s_dtype)
     St = _mix(S, W, tbl, extra, False, mprec, q.dtype)
     o = torch.empty(B, T, H, DV, device=q.device, dtype=v.dtype)
     NR = tbl.shape[0]
@@ -134,23 +130,30 @@ def _fwd_impl(q, k, v, W, extra, tbl, C, scale, return_states):
         K.chunk_fwd_o_kernel[(NR * H * triton.cdiv(DV, BV),)](
             q, k, v, St, W, o, tbl, scale, H, DK, DV, W.shape[-1],
             BC=dots["BC"], BK=BK, BV=BV, PREC=dots["prec"], **_launch("fwd_o"))
-    return o, S
+    return o, S, St
 
 
-def _bwd_impl(do, dS_out, q, k, v, W, extra, tbl, C, scale):
+def _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, tbl, C, scale, s_dtype, mprec):
     H, DK, DV = q.shape[2], q.shape[3], v.shape[3]
     L = W.shape[-1]
     NR = tbl.shape[0]
     dots = _dots(q, C)
-    mprec = _prec(q.dtype)
-    S = _chunk_states(k, v, tbl, 1.0, dots, _state_dtype(q.dtype))
-    St = _mix(S, W, tbl, extra, False, mprec, q.dtype)
-    dSt = _chunk_states(q, do, tbl, scale, dots, _state_dtype(q.dtype))
+    if S.numel() == 0 and NR:  # not saved by the forward: recompute
+        S = _chunk_states(k, v, tbl, 1.0, dots, s_dtype)
+    if St.numel() == 0 and NR:
+        St = _mix(S, W, tbl, extra, False, mprec, q.dtype)
+    dSt = _chunk_states(q, do, tbl, scale, dots, s_dtype)
     dS = _mix(dSt, W, tbl, dS_out if dS_out.numel() else None, True, mprec, q.dtype)
     dW = torch.zeros(H, L, L, device=q.device, dtype=torch.float32)
     _mix_grad(dSt, S, tbl, dW, mprec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if NR:
+    fcfg = LAUNCH["bwd_fused"]
+    if NR and fcfg["fused"] and DK <= fcfg["max_dk"]:
+        BV = _p2(DV, fcfg["BV"])
+        K.chunk_bwd_fused_kernel[(NR * H,)](
+            q, k, v, do, St, dS, W, dq, dk, dv, dW, tbl, scale, H, DK, DV, L,
+            BC=dots["BC"], BK=K.next_pow2(DK), BV=BV, PREC=dots["prec"], **_launch("bwd_fused"))
+    elif NR:
         cfg = LAUNCH["dqdk"]
         BK, BV = _p2(DK, cfg["BK"]), _p2(DV, cfg["BV"])
         K.chunk_bwd_dqdk_kernel[(NR * H * triton.cdiv(DK, BK),)](
@@ -174,55 +177,71 @@ def _bwd_impl(do, dS_out, q, k, v, W, extra, tbl, C, scale):
 @torch.library.custom_op("mhla::chunk_fwd", mutates_args=())
 def chunk_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor, extra: torch.Tensor | None,
-    table: torch.Tensor, chunk_size: int, scale: float, return_states: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, Dv], chunk states [Nrows, H, Dk, Dv] fp32, or an empty tensor unless return_states).
+    table: torch.Tensor, chunk_size: int, scale: float, return_states: bool, save_states: bool,
+    state_half: bool, mix_prec: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, Dv], S [Nrows, H, Dk, Dv], S~ [Nrows, H, Dk, Dv]).
 
-    q, k, v contiguous [B, T, H, D] of one dtype; W fp32 [H, L, L]; extra: None or fp32 [Nrows, H, Dk, Dv]
-    added to the mixed state of every chunk row; table: int32 [Nrows, 5] chunk rows (triton_kernels).
+    q, k, v: contiguous [B, T, H, D] of one dtype; W: fp32 [H, L, L]; extra: None or fp32
+    [Nrows, H, Dk, Dv] added to the mixed state of every chunk row; table: int32 [Nrows, 5] chunk rows
+    (see triton_kernels). S (fp32 when return_states, else bf16 when state_half) is returned when
+    return_states or save_states, S~ (input dtype) when save_states; otherwise they are empty tensors.
+    mix_prec: operand precision of the mixing GEMM ("ieee", "tf32" or "bf16").
     """
-    o, S = _fwd_impl(q, k, v, W, extra, table, chunk_size, scale, return_states)
-    return o, (S if return_states else S.new_empty(0, dtype=torch.float32))
+    s_dtype = torch.bfloat16 if (state_half and not return_states) else torch.float32
+    o, S, St = _fwd_impl(q, k, v, W, extra, table, chunk_size, scale, s_dtype, mix_prec)
+    if not (return_states or save_states):
+        S = S.new_empty(0)
+    if not save_states:
+        St = St.new_empty(0)
+    return o, S, St
 
 
 @chunk_fwd.register_fake
-def _(q, k, v, W, extra, table, chunk_size, scale, return_states):
-    NR = table.shape[0]
-    o = v.new_empty(v.shape)
-    S = q.new_empty((NR, q.shape[2], q.shape[3], v.shape[3]) if return_states else (0,), dtype=torch.float32)
-    return o, S
+def _(q, k, v, W, extra, table, chunk_size, scale, return_states, save_states, state_half, mix_prec):
+    shape = (table.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    s_dtype = torch.bfloat16 if (state_half and not return_states) else torch.float32
+    S = q.new_empty(shape if (return_states or save_states) else (0,), dtype=s_dtype)
+    St = q.new_empty(shape if save_states else (0,))
+    return v.new_empty(v.shape), S, St
 
 
 @torch.library.custom_op("mhla::chunk_bwd", mutates_args=())
 def chunk_bwd(
     do: torch.Tensor, dS_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor,
-    extra: torch.Tensor | None, table: torch.Tensor, chunk_size: int, scale: float,
+    extra: torch.Tensor | None, S: torch.Tensor, St: torch.Tensor, table: torch.Tensor, chunk_size: int,
+    scale: float, state_half: bool, mix_prec: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dW [H, L, L] fp32, d extra = dS~ fp32, empty when extra is None); dS_out may be empty."""
-    return _bwd_impl(do, dS_out, q, k, v, W, extra, table, chunk_size, scale)
+    """(dq, dk, dv, dW [H, L, L] fp32, d extra fp32 (empty when extra is None)).
+
+    dS_out: gradient of the returned S, or empty; S, St: the forward's saved states, or empty to recompute.
+    """
+    s_dtype = torch.bfloat16 if state_half else torch.float32
+    return _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, s_dtype, mix_prec)
 
 
 @chunk_bwd.register_fake
-def _(do, dS_out, q, k, v, W, extra, table, chunk_size, scale):
+def _(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, state_half, mix_prec):
     shape = (0,) if extra is None else (table.shape[0], q.shape[2], q.shape[3], v.shape[3])
-    dSt = q.new_empty(shape, dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape), dSt
+    d_extra = q.new_empty(shape, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape), d_extra
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, W, extra, table, chunk_size, scale, _ = inputs
-    ctx.save_for_backward(q, k, v, W, extra, table)
-    ctx.chunk_size, ctx.scale = chunk_size, scale
+    q, k, v, W, extra, table, chunk_size, scale, _, save_states, state_half, mix_prec = inputs
+    _, S, St = output
+    if not save_states:
+        S, St = S.new_empty(0), St.new_empty(0)
+    ctx.save_for_backward(q, k, v, W, extra, table, S, St)
+    ctx.args = (chunk_size, scale, state_half, mix_prec)
 
 
-def _backward(ctx, do, dS):
-    q, k, v, W, extra, table = ctx.saved_tensors
-    if dS is None:
-        dS = q.new_empty(0, dtype=torch.float32)
-    do = do if do is not None else torch.zeros_like(v)
-    dq, dk, dv, dW, dSt = chunk_bwd(do.contiguous(), dS.contiguous(), q, k, v, W, extra, table,
-                                    ctx.chunk_size, ctx.scale)
-    return dq, dk, dv, dW, (dSt if extra is not None else None), None, None, None, None
+def _backward(ctx, do, dS, dSt):
+    q, k, v, W, extra, table, S, St = ctx.saved_tensors
+    dS = q.new_empty(0, dtype=torch.float32) if dS is None or dS.numel() == 0 else dS.float().contiguous()
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dq, dk, dv, dW, d_extra = chunk_bwd(do, dS, q, k, v, W, extra, S, St, table, *ctx.args)
+    return dq, dk, dv, dW, (d_extra if extra is not None else None), None, None, None, None, None, None, None
 
 
 chunk_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -312,7 +331,9 @@ def chunk_mhla_triton(
             parts.append(e)
         extra = torch.cat(parts) if parts else None
 
-    o, S = chunk_fwd(q, k, v, W, extra, table, C, float(scale), output_final_state)
+    half = dt != torch.float32
+    o, S, _ = chunk_fwd(q, k, v, W, extra, table, C, float(scale), output_final_state, SAVE_STATES,
+                        STATE_HALF and half, MIX_PREC_HALF if half else "ieee")
     if not output_final_state:
         return o, None
 
