@@ -2,15 +2,15 @@
 
 Pipeline (see docs/kernels_causal.md):
     forward : S = per-chunk K^T V  ->  S~ = strict-lower mixing of S (+ initial-state term)  ->  o
-    backward: recompute S, S~; dS~ = s Q^T dO; dS = mixing^T dS~; dW off-diagonal from <dS~, S>;
-              dq, dk from (dO, V, S~, dS); dv and dW diagonal from (Q, K, dS, dO).
-States, S~, dS~, dS are fp32. Supported: fp32 / bf16 / fp16 inputs, shared or per-head mixing,
-partial last chunks, packed documents (cu_seqlens), any initial_state offsets (the part of the
-mixed state that comes from the initial state is computed in PyTorch and enters the op as an
-additive tensor, so gradients flow to the initial state too), output_final_state.
+    backward: recompute S, S~ (unless SAVE_STATES); dS~ = s Q^T dO; dS = mixing^T dS~;
+              dW off-diagonal from <dS~, S>; dq, dk from (dO, V, S~, dS); dv and the dW diagonal
+              from (Q, K, dS, dO) (two kernels, or one with LAUNCH["bwd_fused"]).
+Accumulation is fp32 throughout; see the numerics settings below for storage. Supported: fp32 /
+bf16 / fp16 inputs, shared or per-head mixing, partial last chunks, packed documents (cu_seqlens),
+any initial_state offsets (the part of the mixed state that comes from the initial state is
+computed in PyTorch and enters the op as an additive tensor, so gradients flow to the initial
+state too), output_final_state (with gradients through it).
 """
-
-from __future__ import annotations
 
 import math
 import os
