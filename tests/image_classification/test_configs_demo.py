@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mhla_core.config import parse_with_config
+from mhla_core.digits import read_digits
 from mhla_image_classification import demo
 from mhla_image_classification.train import build_model, build_parser
 
@@ -39,7 +40,7 @@ def test_demo_reader_and_folder(tmp_path):
     path = tmp_path / "digits.csv.gz"
     with gzip.open(path, "wt") as f:
         np.savetxt(f, rows, fmt="%d", delimiter=",")
-    images, labels = demo.read_digits(path)
+    images, labels = read_digits(path)
     assert images.shape == (20, 28, 28) and images.dtype == np.uint8 and (labels == rows[:, -1]).all()
     root = demo.write_image_folder(images, labels, tmp_path / "folder", val_per_class=1)
     assert len(list((root / "val").glob("*/*.png"))) == 10 and len(list((root / "train").glob("*/*.png"))) == 10
@@ -51,4 +52,4 @@ def test_demo_reader_and_folder(tmp_path):
         bad = tmp_path / "bad.csv.gz"
         with gzip.open(bad, "wt") as f:
             f.write("1,2,3\n4,5,6\n")
-        demo.read_digits(bad)
+        read_digits(bad)
