@@ -173,7 +173,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.mhla.chunk_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     empty = torch.empty(0)
-    bargs = (torch.randn_like(v), empty, q, k, v, W, None, empty, empty, table, 16, 0.25, False, "ieee")
+    bargs = (torch.randn_like(v), empty, q, k, v, W, None, empty, empty, table, 16, 0.25, False, "ieee", True)
     torch.library.opcheck(torch.ops.mhla.chunk_bwd.default, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -224,3 +224,15 @@ def test_fused_backward(dtype, monkeypatch):
     W = _mixing(4, 2, seed=6)
     cu = torch.tensor([0, 20, 50])
     _compare(q, k, v, W, TOL[dtype], chunk_size=16, cu_seqlens=cu)
+
+
+def test_frozen_mixing():
+    q, k, v = _inputs(2, 40, 2, 16, 32, seed=12)
+    W = _mixing(3, seed=12)
+    grads = []
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, _ = chunk_mhla(*leaves, W, chunk_size=16, backend=backend)
+        grads.append(torch.autograd.grad(o.square().sum(), leaves))
+    for a, b in zip(*grads):
+        assert _rel(a, b) < TOL[torch.float32]

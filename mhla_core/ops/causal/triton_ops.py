@@ -133,7 +133,7 @@ def _fwd_impl(q, k, v, W, extra, tbl, C, scale, s_dtype, mprec):
     return o, S, St
 
 
-def _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, tbl, C, scale, s_dtype, mprec):
+def _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, tbl, C, scale, s_dtype, mprec, need_dw):
     H, DK, DV = q.shape[2], q.shape[3], v.shape[3]
     L = W.shape[-1]
     NR = tbl.shape[0]
@@ -145,7 +145,8 @@ def _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, tbl, C, scale, s_dtype, mpre
     dSt = _chunk_states(q, do, tbl, scale, dots, s_dtype)
     dS = _mix(dSt, W, tbl, dS_out if dS_out.numel() else None, True, mprec, q.dtype)
     dW = torch.zeros(H, L, L, device=q.device, dtype=torch.float32)
-    _mix_grad(dSt, S, tbl, dW, mprec)
+    if need_dw:  # a frozen mixing skips the largest backward GEMM
+        _mix_grad(dSt, S, tbl, dW, mprec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     fcfg = LAUNCH["bwd_fused"]
     if NR and fcfg["fused"] and DK <= fcfg["max_dk"]:
@@ -210,18 +211,19 @@ def _(q, k, v, W, extra, table, chunk_size, scale, return_states, save_states, s
 def chunk_bwd(
     do: torch.Tensor, dS_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, W: torch.Tensor,
     extra: torch.Tensor | None, S: torch.Tensor, St: torch.Tensor, table: torch.Tensor, chunk_size: int,
-    scale: float, state_half: bool, mix_prec: str,
+    scale: float, state_half: bool, mix_prec: str, need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dW [H, L, L] fp32, d extra fp32 (empty when extra is None)).
 
     dS_out: gradient of the returned S, or empty; S, St: the forward's saved states, or empty to recompute.
+    need_dw=False leaves the off-diagonal of dW zero (frozen mixing).
     """
     s_dtype = torch.bfloat16 if state_half else torch.float32
-    return _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, s_dtype, mix_prec)
+    return _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, s_dtype, mix_prec, need_dw)
 
 
 @chunk_bwd.register_fake
-def _(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, state_half, mix_prec):
+def _(do, dS_out, q, k, v, W, extra, S, St, table, chunk_size, scale, state_half, mix_prec, need_dw):
     shape = (0,) if extra is None else (table.shape[0], q.shape[2], q.shape[3], v.shape[3])
     d_extra = q.new_empty(shape, dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), W.new_empty(W.shape), d_extra
@@ -240,7 +242,8 @@ def _backward(ctx, do, dS, dSt):
     q, k, v, W, extra, table, S, St = ctx.saved_tensors
     dS = q.new_empty(0, dtype=torch.float32) if dS is None or dS.numel() == 0 else dS.float().contiguous()
     do = torch.zeros_like(v) if do is None else do.contiguous()
-    dq, dk, dv, dW, d_extra = chunk_bwd(do, dS, q, k, v, W, extra, S, St, table, *ctx.args)
+    dq, dk, dv, dW, d_extra = chunk_bwd(do, dS, q, k, v, W, extra, S, St, table, *ctx.args,
+                                        ctx.needs_input_grad[3])
     return dq, dk, dv, dW, (d_extra if extra is not None else None), None, None, None, None, None, None, None
 
 
