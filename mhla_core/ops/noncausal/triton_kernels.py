@@ -1,0 +1,802 @@
+"""Triton kernels of non-causal MHLA (SPEC section 1) and their launchers.
+
+Notation: s = scale, q' = s q, blocks i (query side) and j (key side) of L tokens, W [M, M] per head.
+A block's *state row* is the fp32 vector X_j = [S_j (Dk*Dv) | z_j (Dk) | p_j (L)], where
+S_j = K_j^T V_j, z_j = K_j^T 1 and p_{j,w} = q'_{j,w} . z_j. The z part exists when normalize=True,
+the p part only for normalizer="reference". One GEMM over blocks mixes every part at once:
+X~ = W X, i.e. S~_i, z~_i and p~_i = sum_j W[i,j] p_j (the reference denominator minus eps).
+
+Forward, token t of block i (den = 1 when normalize=False):
+
+    exact:     den_t = q'_t . z~_i + eps       reference: den_{i,w} = p~_{i,w} + eps
+    o_t = (q'_t S~_i) / den_t
+
+Backward (only q, k, v and W are saved; num_t = q'_t S~_i is recomputed, which is cheaper than
+reading a saved o and more accurate than a rounded one):
+
+    g_t  = dO_t / den_t                        c_t = -(dO_t . num_t) / den_t^2   (= dL/dden_t)
+    dS~_i = sum_t q'_t g_t^T                   dz~_i = sum_t c_t q'_t            (exact)
+    dq_t  = s (S~_i g_t + c_t z~_i)            dp~_{i,w} = c_{i,w}               (reference)
+    dX~_i = [dS~_i | dz~_i | c_i]  (dz~ = 0 for "reference")
+    dX   = W^T dX~                             dW = sum_b dX~ X^T   (= <dS~_i,S_j> + <dz~_i,z_j> + <c_i,p_j>)
+    reference only: dz_j += s Q_j^T dp_j,      dq_{j,w} += s dp_{j,w} z_j
+    dk_t = dS_j v_t + dz_j                     dv_t = dS_j^T k_t
+
+For positive q, k the two terms of dq nearly cancel, so for half inputs the products with S~ in the
+backward (num and dq) take fp32 operands (tf32 dots, BWD_TF32_HALF); the rest uses input-dtype operands.
+
+Two paths:
+  * "state" (any size): kernel `_state` writes X, `_mix` forms X~ (in place when one program column
+    covers all M rows), `_out` writes o. Backward recomputes X and X~, `_bwd_q` writes dX~ (in place
+    over X~) and dq, `_dw` reduces dW, `_mix` forms dX = W^T dX~ in place, `_bwd_kv` writes dk, dv.
+    Three launches forward, six backward.
+  * "direct" (small M, L <= 64, head dims <= 128): each query-block program forms S~_i = sum_j W[i,j] S_j
+    from k, v itself, so the forward is one launch and no state touches HBM; the backward is two
+    launches (`_bwd_q` direct, then `_bwd_kv` direct, which also forms dX_j = sum_i W[i,j] dX~_i and
+    column j of dW). Work grows like M^2 L D^2, hence the size limits.
+
+Dot operands are the input dtype (fp32 states are cast for half inputs) unless said otherwise,
+accumulation is fp32; fp32 inputs use exact fp32 dots; the mixing GEMMs of half inputs use tf32.
+Head dims need not be powers of two (masked loads); Dv is tiled by BLOCK_DV and program 0 of a
+block does the cross-tile work (dq, dk) when there are several tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Launch parameters (the GPU sweep may change them). Block sizes are clipped to the problem size.
+LAUNCH: dict[str, dict[str, int]] = {
+    "state": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
+    "out": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
+    "bwd_q": {"BLOCK_T": 32, "num_warps": 8, "num_stages": 2},
+    "bwd_kv": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
+    "direct": {"num_warps": 4, "num_stages": 2},  # head dims <= 64
+    "direct_large": {"num_warps": 8, "num_stages": 2},
+    # one row tile (in place) up to M = BLOCK_I blocks, BLOCK_I_LARGE row tiles beyond
+    "mix": {"BLOCK_I": 256, "BLOCK_I_LARGE": 128, "BLOCK_J": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3},
+    "dw": {"BLOCK_I": 128, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3, "min_programs": 512},
+}
+# Largest Dv tile (half / fp32 inputs); Dv above it is split over programs.
+MAX_BLOCK_DV = 128
+MAX_BLOCK_DV_FP32 = 64
+# Largest token tile for fp32 inputs (exact fp32 dots keep their operands in registers).
+FP32_BLOCK_T = 16
+# The direct path is used when M <= DIRECT_MAX_M, L <= DIRECT_MAX_L and Dk, Dv <= DIRECT_MAX_D.
+DIRECT_MAX_M = 32
+DIRECT_MAX_L = 64
+DIRECT_MAX_D = 128
+# tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee" or "bf16").
+MIX_PREC_HALF = "tf32"
+# Half inputs: the backward's products with S~ (numerator recompute, dq) use tf32 instead of bf16/fp16.
+BWD_TF32_HALF = True
+# Force a path ("state" or "direct") whatever the sizes; None = choose by size. For tests and sweeps.
+FORCE_PATH: str | None = None
+
+if INTERPRET:  # small blocks keep the interpreter fast
+    LAUNCH.update(
+        state={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+        out={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+        bwd_q={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+        bwd_kv={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+        mix={"BLOCK_I": 256, "BLOCK_I_LARGE": 16, "BLOCK_J": 16, "BLOCK_C": 256, "num_warps": 4, "num_stages": 1},
+        dw={"BLOCK_I": 128, "BLOCK_C": 256, "num_warps": 4, "num_stages": 1, "min_programs": 1},
+    )
+
+NORM_NONE, NORM_EXACT, NORM_REFERENCE = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _device_fn(fn):
+    """triton.jit for device helpers; under the interpreter a plain function (each interpreted
+    device-function call re-patches triton.language, which dominates the CPU test time)."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
+# The interpreter keeps bf16 as raw uint16 and its tl.dot does not convert it: upcast there.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+@_device_fn
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation (a * b + acc when acc is given)."""
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
+
+
+@_device_fn
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also in the interpreter (which truncates to bf16)."""
+    if _UPCAST_DOT:
+        if dtype == tl.bfloat16:
+            u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+            x = u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@_device_fn
+def _block_ptr(ptr, b, h, blk, L, s_b, s_t, s_h):
+    """Pointer to token 0 of block `blk`, batch b, head h (64-bit offsets)."""
+    return ptr + b.to(tl.int64) * s_b + (blk * L).to(tl.int64) * s_t + h.to(tl.int64) * s_h
+
+
+@_device_fn
+def _tile(base, tt, mt, s_t, offs_d, md):
+    """[BLOCK_T, BLOCK_D] tile of a [*, D] row-major token array, zero outside the masks."""
+    return tl.load(base + tt[:, None] * s_t + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+
+
+@_device_fn
+def _direct_mixed(
+    q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    offs_k, mk, offs_v, mv,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+    NORM: tl.constexpr, PREC: tl.constexpr,
+):
+    """S~_i tile, z~_i and p~_i (per in-block position) of query block i, from k, v (and q) directly."""
+    offs_t = tl.arange(0, BLOCK_T)
+    mt = offs_t < L
+    s_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+    z_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    p_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    w_row = w_ptr + h * sw_h + i * M
+    for j in range(0, M):
+        wij = tl.load(w_row + j)
+        kt = _tile(_block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h), offs_t, mt, sk_t, offs_k, mk)
+        vt = _tile(_block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h), offs_t, mt, sv_t, offs_v, mv)
+        vw = _cast((vt.to(tl.float32) * wij), kt.dtype)
+        s_acc = _dot(tl.trans(kt), vw, s_acc, PREC)
+        if NORM > 0:
+            zj = tl.sum(kt.to(tl.float32), axis=0)
+            z_acc += wij * zj
+            if NORM == 2:
+                qt = _tile(_block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h), offs_t, mt, sq_t, offs_k, mk)
+                p_acc += wij * (tl.sum(qt.to(tl.float32) * zj[None, :], axis=1) * scale)
+    return s_acc, z_acc, p_acc
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _state_kernel(
+    q_ptr, k_ptr, v_ptr, x_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    H, L, M, RS, scale,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+):
+    """X_j = [K_j^T V_j | K_j^T 1 | s Q_j K_j^T 1] for block j = program 0, Dv tile = program 1."""
+    j = tl.program_id(0)
+    jv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_DK)
+    mk = offs_k < DK
+    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mv = offs_v < DV
+    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
+    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
+    s_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+    z_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        tt = t0 + offs_t
+        mt = tt < L
+        kt = _tile(kb, tt, mt, sk_t, offs_k, mk)
+        vt = _tile(vb, tt, mt, sv_t, offs_v, mv)
+        s_acc = _dot(tl.trans(kt), vt, s_acc, PREC)
+        if NORM > 0:
+            z_acc += tl.sum(kt.to(tl.float32), axis=0)
+    row = x_ptr + (bh * M + j).to(tl.int64) * RS
+    tl.store(row + offs_k[:, None] * DV + offs_v[None, :], s_acc, mask=mk[:, None] & mv[None, :])
+    if NORM > 0:
+        if jv == 0:
+            tl.store(row + DK * DV + offs_k, z_acc, mask=mk)
+            if NORM == 2:
+                qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h)
+                for t0 in range(0, L, BLOCK_T):
+                    tt = t0 + offs_t
+                    mt = tt < L
+                    qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+                    p = tl.sum(qt.to(tl.float32) * z_acc[None, :], axis=1) * scale
+                    tl.store(row + DK * DV + DK + tt, p, mask=mt)
+
+
+@triton.jit
+def _mix_kernel(
+    w_ptr, x_ptr, y_ptr, sw_h, H, M, C, RS,
+    TRANS_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr, AS_BF16: tl.constexpr, INPLACE: tl.constexpr,
+):
+    """Y[bh] = W[h] X[bh] (or W[h]^T X[bh]) over the first C columns; in place is safe with one I tile."""
+    pi = tl.program_id(0)
+    pc = tl.program_id(1)
+    bh = tl.program_id(2)
+    h = bh % H
+    offs_i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < M
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    wb = w_ptr + h * sw_h
+    xb = x_ptr + (bh * M).to(tl.int64) * RS
+    acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
+    for j0 in range(0, M, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mj = offs_j < M
+        wm = mi[:, None] & mj[None, :]
+        if TRANS_W:
+            w = tl.load(wb + offs_j[None, :] * M + offs_i[:, None], mask=wm, other=0.0)
+        else:
+            w = tl.load(wb + offs_i[:, None] * M + offs_j[None, :], mask=wm, other=0.0)
+        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        if AS_BF16:
+            acc = _dot(_cast(w, tl.bfloat16), _cast(x, tl.bfloat16), acc, PREC)
+        else:
+            acc = _dot(w, x, acc, PREC)
+    if INPLACE:
+        tl.debug_barrier()
+    yb = y_ptr + (bh * M).to(tl.int64) * RS
+    tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], acc, mask=mi[:, None] & mc[None, :])
+
+
+@triton.jit
+def _dw_kernel(
+    a_ptr, x_ptr, p_ptr, M, C, RS, cols_per_split, n_split, n_tj,
+    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, AS_BF16: tl.constexpr,
+):
+    """Partial dW[bh, split] = dX~[bh][:, cols] X[bh][:, cols]^T over one column split."""
+    pij = tl.program_id(0)
+    sp = tl.program_id(1)
+    bh = tl.program_id(2)
+    ti = pij // n_tj
+    tj = pij % n_tj
+    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tj * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < M
+    mj = offs_j < M
+    ab = a_ptr + (bh * M).to(tl.int64) * RS
+    xb = x_ptr + (bh * M).to(tl.int64) * RS
+    c_start = sp * cols_per_split
+    c_end = tl.minimum(C, c_start + cols_per_split)
+    acc = tl.zeros([BLOCK_I, BLOCK_I], dtype=tl.float32)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < c_end
+        a = tl.load(ab + offs_i[:, None] * RS + offs_c[None, :], mask=mi[:, None] & mc[None, :], other=0.0)
+        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        if AS_BF16:
+            acc = _dot(_cast(a, tl.bfloat16), tl.trans(_cast(x, tl.bfloat16)), acc, PREC)
+        else:
+            acc = _dot(a, tl.trans(x), acc, PREC)
+    pb = p_ptr + ((bh * n_split + sp) * M).to(tl.int64) * M
+    tl.store(pb + offs_i[:, None] * M + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
+
+
+@triton.jit
+def _out_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, x_ptr, o_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+    sw_h, H, L, M, RS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+):
+    """o of query block i (program 0), Dv tile program 1: (q' S~_i) / den."""
+    i = tl.program_id(0)
+    jv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_DK)
+    mk = offs_k < DK
+    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mv = offs_v < DV
+    row = x_ptr + (bh * M + i).to(tl.int64) * RS
+    if DIRECT:
+        s_m, z_m, p_m = _direct_mixed(
+            q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+            sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC,
+        )
+    else:
+        s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORM == 1:
+            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
+    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h)
+    ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h)
+    s_d = _cast(s_m, q_ptr.dtype.element_ty)
+    for t0 in range(0, L, BLOCK_T):
+        tt = t0 + offs_t
+        mt = tt < L
+        qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+        num = _dot(qt, s_d, None, PREC) * scale
+        if NORM == 1:
+            den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
+            num = num / den[:, None]
+        elif NORM == 2:
+            if DIRECT:
+                den = p_m + eps
+            else:
+                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0) + eps
+            num = num / den[:, None]
+        tl.store(ob + tt[:, None] * so_t + offs_v[None, :], _cast(num, o_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+
+
+@triton.jit
+def _bwd_q_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, x_ptr, dx_ptr, dq_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
+    sw_h, H, L, M, RS, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+    NUM_DV_TILES: tl.constexpr, INPLACE: tl.constexpr, HP: tl.constexpr, HP_PREC: tl.constexpr,
+):
+    """dX~_i = [dS~_i | dz~_i | c_i] and dq (minus the reference term) of query block i.
+
+    The products with S~ (the recomputed numerator and dq) use fp32 operands (tf32 dots) when HP:
+    dq is a difference of two close terms for positive q, k, and bf16 operands would cost accuracy.
+    """
+    i = tl.program_id(0)
+    jv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_DK)
+    mk = offs_k < DK
+    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mv = offs_v < DV
+    row = x_ptr + (bh * M + i).to(tl.int64) * RS
+    drow = dx_ptr + (bh * M + i).to(tl.int64) * RS
+    if DIRECT:
+        s_m, z_m, p_m = _direct_mixed(
+            q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+            sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC,
+        )
+    else:
+        s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORM == 1:
+            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
+    dt = q_ptr.dtype.element_ty
+    if HP:
+        sdt = tl.float32
+    else:
+        sdt = dt
+    s_op = _cast(s_m, sdt)
+    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h)
+    db = _block_ptr(do_ptr, b, h, i, L, sd_b, sd_t, sd_h)
+    dqb = _block_ptr(dq_ptr, b, h, i, L, sdq_b, sdq_t, sdq_h)
+    ds_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+    dz_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        tt = t0 + offs_t
+        mt = tt < L
+        qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+        q_op = _cast(qt, sdt)
+        dot_ = _tile(db, tt, mt, sd_t, offs_v, mv).to(tl.float32)
+        if NORM > 0:
+            if NORM == 1:
+                den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
+            elif DIRECT:
+                den = p_m + eps
+            else:
+                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0) + eps
+            # c = dL/dden = -(dO . num) / den^2 over all of Dv, num = q' S~ recomputed
+            if NUM_DV_TILES == 1:
+                num = _dot(q_op, s_op, None, HP_PREC)
+                do_n = tl.sum(dot_ * num, axis=1)
+            else:
+                do_n = tl.zeros([BLOCK_T], dtype=tl.float32)
+                for v0 in range(0, DV, BLOCK_DV):
+                    offs_c = v0 + tl.arange(0, BLOCK_DV)
+                    mc = offs_c < DV
+                    dc = _tile(db, tt, mt, sd_t, offs_c, mc).to(tl.float32)
+                    sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :],
+                                 mask=mk[:, None] & mc[None, :], other=0.0)
+                    do_n += tl.sum(dc * _dot(q_op, _cast(sc, sdt), None, HP_PREC), axis=1)
+            c = -do_n * scale / (den * den)
+            g = dot_ / den[:, None]
+        else:
+            g = dot_
+        ds_acc = _dot(tl.trans(qt), _cast(g, dt), ds_acc, PREC)
+        if NORM == 1:
+            dz_acc += tl.sum(qt.to(tl.float32) * c[:, None], axis=0)
+        if jv == 0:
+            if NORM == 2:
+                tl.store(drow + DK * DV + DK + tt, c, mask=mt)
+            if NUM_DV_TILES == 1:
+                dqt = _dot(_cast(g, sdt), tl.trans(s_op), None, HP_PREC)
+            else:
+                dqt = tl.zeros([BLOCK_T, BLOCK_DK], dtype=tl.float32)
+                for v0 in range(0, DV, BLOCK_DV):
+                    offs_c = v0 + tl.arange(0, BLOCK_DV)
+                    mc = offs_c < DV
+                    gc = _tile(db, tt, mt, sd_t, offs_c, mc).to(tl.float32)
+                    if NORM > 0:
+                        gc = gc / den[:, None]
+                    sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :],
+                                 mask=mk[:, None] & mc[None, :], other=0.0)
+                    dqt = _dot(_cast(gc, sdt), tl.trans(_cast(sc, sdt)), dqt, HP_PREC)
+            if NORM == 1:
+                dqt += c[:, None] * z_m[None, :]
+            tl.store(dqb + tt[:, None] * sdq_t + offs_k[None, :], _cast(dqt * scale, dq_ptr.dtype.element_ty),
+                     mask=mt[:, None] & mk[None, :])
+    if INPLACE:
+        tl.debug_barrier()
+    tl.store(drow + offs_k[:, None] * DV + offs_v[None, :], ds_acc * scale, mask=mk[:, None] & mv[None, :])
+    if NORM > 0:
+        if jv == 0:
+            tl.store(drow + DK * DV + offs_k, dz_acc * scale, mask=mk)
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, z_ptr, dx_ptr, dq_ptr, dk_ptr, dv_ptr, dwp_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    sw_h, H, L, M, RS, scale,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+    NUM_DV_TILES: tl.constexpr,
+):
+    """dk, dv of key block j from dX_j (state path) or from dX~ and W (direct path, also dW[:, j]).
+
+    z_ptr: [B * H * M, DK] key sums z_j, read by the state path's reference normaliser only.
+    """
+    j = tl.program_id(0)
+    jv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_DK)
+    mk = offs_k < DK
+    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mv = offs_v < DV
+    dt = k_ptr.dtype.element_ty
+    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
+    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
+    qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h)
+    drow = dx_ptr + (bh * M + j).to(tl.int64) * RS
+    if DIRECT:
+        # recompute X_j (one token tile, one Dv tile), then dX_j = sum_i W[i, j] dX~_i and dW[:, j]
+        mt = offs_t < L
+        kt = _tile(kb, offs_t, mt, sk_t, offs_k, mk)
+        vt = _tile(vb, offs_t, mt, sv_t, offs_v, mv)
+        s_j = _dot(tl.trans(kt), vt, None, PREC)
+        if NORM > 0:
+            z_j = tl.sum(kt.to(tl.float32), axis=0)
+            if NORM == 2:
+                qt = _tile(qb, offs_t, mt, sq_t, offs_k, mk)
+                p_j = tl.sum(qt.to(tl.float32) * z_j[None, :], axis=1) * scale
+        ds = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+        dz = tl.zeros([BLOCK_DK], dtype=tl.float32)
+        dp = tl.zeros([BLOCK_T], dtype=tl.float32)
+        base = dx_ptr + (bh * M).to(tl.int64) * RS
+        for i in range(0, M):
+            wij = tl.load(w_ptr + h * sw_h + i * M + j)
+            row_i = base + i * RS
+            dst = tl.load(row_i + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :],
+                          other=0.0)
+            ds += wij * dst
+            dwij = tl.sum(tl.sum(dst * s_j, axis=1), axis=0)
+            if NORM > 0:
+                dzt = tl.load(row_i + DK * DV + offs_k, mask=mk, other=0.0)
+                dz += wij * dzt
+                dwij += tl.sum(dzt * z_j, axis=0)
+                if NORM == 2:
+                    ct = tl.load(row_i + DK * DV + DK + offs_t, mask=mt, other=0.0)
+                    dp += wij * ct
+                    dwij += tl.sum(ct * p_j, axis=0)
+            tl.store(dwp_ptr + (bh * M + i).to(tl.int64) * M + j, dwij)
+    else:
+        ds = tl.load(drow + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if NORM > 0:
+            dz = tl.load(drow + DK * DV + offs_k, mask=mk, other=0.0)
+            if NORM == 2:
+                z_j = tl.load(z_ptr + (bh * M + j).to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+    if NORM == 2:
+        if jv == 0:
+            # reference normaliser: dz_j += s Q_j^T dp_j and dq_{j,w} += s dp_{j,w} z_j
+            dqb = _block_ptr(dq_ptr, b, h, j, L, sdq_b, sdq_t, sdq_h)
+            for t0 in range(0, L, BLOCK_T):
+                tt = t0 + offs_t
+                mt = tt < L
+                if DIRECT:
+                    dp_t = dp
+                else:
+                    dp_t = tl.load(drow + DK * DV + DK + tt, mask=mt, other=0.0)
+                qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+                dz += tl.sum(qt.to(tl.float32) * dp_t[:, None], axis=0) * scale
+                dq_ptrs = dqb + tt[:, None] * sdq_t + offs_k[None, :]
+                dq_m = mt[:, None] & mk[None, :]
+                dqt = tl.load(dq_ptrs, mask=dq_m, other=0.0).to(tl.float32)
+                dqt += (scale * dp_t)[:, None] * z_j[None, :]
+                tl.store(dq_ptrs, _cast(dqt, dq_ptr.dtype.element_ty), mask=dq_m)
+    ds_d = _cast(ds, dt)
+    dkb = _block_ptr(dk_ptr, b, h, j, L, sdk_b, sdk_t, sdk_h)
+    dvb = _block_ptr(dv_ptr, b, h, j, L, sdv_b, sdv_t, sdv_h)
+    for t0 in range(0, L, BLOCK_T):
+        tt = t0 + offs_t
+        mt = tt < L
+        kt = _tile(kb, tt, mt, sk_t, offs_k, mk)
+        vt = _tile(vb, tt, mt, sv_t, offs_v, mv)
+        dvt = _dot(kt, ds_d, None, PREC)
+        tl.store(dvb + tt[:, None] * sdv_t + offs_v[None, :], _cast(dvt, dv_ptr.dtype.element_ty),
+                 mask=mt[:, None] & mv[None, :])
+        if jv == 0:
+            if NUM_DV_TILES == 1:
+                dkt = _dot(vt, tl.trans(ds_d), None, PREC)
+            else:
+                dkt = tl.zeros([BLOCK_T, BLOCK_DK], dtype=tl.float32)
+                for v0 in range(0, DV, BLOCK_DV):
+                    offs_c = v0 + tl.arange(0, BLOCK_DV)
+                    mc = offs_c < DV
+                    vc = _tile(vb, tt, mt, sv_t, offs_c, mc)
+                    dsc = tl.load(drow + offs_k[:, None] * DV + offs_c[None, :],
+                                  mask=mk[:, None] & mc[None, :], other=0.0)
+                    dkt = _dot(vc, tl.trans(_cast(dsc, dt)), dkt, PREC)
+            if NORM > 0:
+                dkt += dz[None, :]
+            tl.store(dkb + tt[:, None] * sdk_t + offs_k[None, :], _cast(dkt, dk_ptr.dtype.element_ty),
+                     mask=mt[:, None] & mk[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# (kernel name, constexprs) -> constexpr / launch overrides found after an out-of-resources failure
+_FALLBACK: dict[tuple, dict] = {}
+
+
+def _launch(kernel, grid, args, consts: dict, cfg: dict) -> None:
+    """kernel[grid](*args, **consts, **cfg); on shared-memory overflow, retry with a smaller token
+    tile (when the kernel loops over tokens) and then with one pipeline stage."""
+    key = (kernel.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(cfg.items())),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    run = {**consts, **cfg, **_FALLBACK.get(key, {})}
+    while True:
+        try:
+            kernel[grid](*args, **run)
+            return
+        except OutOfResources:
+            if run.get("BLOCK_T", 16) > 16 and not run.get("DIRECT", False):
+                run["BLOCK_T"] //= 2
+            elif run.get("num_stages", 1) > 1:
+                run["num_stages"] = 1
+            else:
+                raise
+            _FALLBACK[key] = {n: run[n] for n in ("BLOCK_T", "num_stages") if n in run}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and choices of one call."""
+
+    B: int
+    H: int
+    M: int
+    L: int
+    DK: int
+    DV: int
+    norm: int
+    direct: bool
+    fp32: bool
+    block_dk: int
+    block_dv: int
+    n_dv: int
+    row: int  # used columns C of a state row
+    row_stride: int  # RS >= C, a multiple of 32
+    prec: str  # tl.dot input precision of the token kernels
+    mix_prec: str
+    mix_bf16: bool
+    hp: bool  # fp32 (tf32) operands for the S~ products of the backward
+
+    def token_block(self, name: str) -> int:
+        """BLOCK_T of a token kernel: the whole block on the direct path."""
+        if self.direct:
+            return _pow2(self.L)
+        bt = LAUNCH[name]["BLOCK_T"]
+        if self.fp32:
+            bt = min(bt, FP32_BLOCK_T)
+        if self.block_dk > 128:
+            bt = min(bt, 32)
+        return min(bt, _pow2(self.L))
+
+    def launch(self, name: str) -> dict[str, int]:
+        """num_warps / num_stages of a token kernel."""
+        if self.direct:
+            name = "direct" if self.block_dk * self.block_dv <= 64 * 64 else "direct_large"
+        return {"num_warps": LAUNCH[name]["num_warps"], "num_stages": LAUNCH[name]["num_stages"]}
+
+
+def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
+    """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and block size L."""
+    B, N, H, DK = q.shape
+    DV = v.shape[-1]
+    M = N // L
+    fp32 = q.dtype == torch.float32
+    block_dk = _pow2(DK)
+    block_dv = min(_pow2(DV), max(16, MAX_BLOCK_DV_FP32 if fp32 else MAX_BLOCK_DV))
+    n_dv = triton.cdiv(DV, block_dv)
+    direct = M <= DIRECT_MAX_M and L <= DIRECT_MAX_L and max(DK, DV) <= DIRECT_MAX_D and n_dv == 1
+    if FORCE_PATH is not None:
+        direct = FORCE_PATH == "direct" and L <= 128 and n_dv == 1
+    C = DK * DV + (DK if norm > 0 else 0) + (L if norm == NORM_REFERENCE else 0)
+    mix = "ieee" if fp32 else MIX_PREC_HALF
+    return Plan(
+        B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, triton.cdiv(C, 32) * 32,
+        prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
+        hp=not fp32 and BWD_TF32_HALF,
+    )
+
+
+def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mixing as fp32 [Hw, M, M] contiguous and its head stride (0 when shared)."""
+    w3 = w.to(torch.float32).contiguous()
+    if w3.dim() == 2:
+        return w3, 0
+    return w3, w3.stride(0)
+
+
+def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
+    """W X (or W^T X) over blocks for every (b, h); in place when one program covers all M rows."""
+    cfg = LAUNCH["mix"]
+    bi = _pow2(p.M) if p.M <= cfg["BLOCK_I"] else cfg["BLOCK_I_LARGE"]
+    n_i = triton.cdiv(p.M, bi)
+    inplace = inplace_ok and n_i == 1
+    y = x if inplace else torch.empty_like(x)
+    bc = min(cfg["BLOCK_C"], _pow2(p.row))
+    _launch(
+        _mix_kernel, (n_i, triton.cdiv(p.row, bc), p.B * p.H),
+        (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
+        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg["BLOCK_J"], _pow2(p.M)), BLOCK_C=bc,
+             PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
+        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
+    return y
+
+
+def _states(p: Plan, q, k, v, scale: float) -> torch.Tensor:
+    """X [B * H, M, RS] fp32."""
+    x = torch.empty((p.B * p.H, p.M, p.row_stride), dtype=torch.float32, device=q.device)
+    _launch(
+        _state_kernel, (p.M, p.n_dv, p.B * p.H),
+        (q, k, v, x, *_strides(q), *_strides(k), *_strides(v), p.H, p.L, p.M, p.row_stride, scale),
+        dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, BLOCK_T=p.token_block("state"),
+             NORM=p.norm, PREC=p.prec),
+        p.launch("state"),
+    )
+    return x
+
+
+def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float) -> torch.Tensor:
+    """o [B, N, H, Dv] in v.dtype; q, k, v share one dtype and have unit last-dim stride."""
+    p = make_plan(q, v, L, norm)
+    w3, sw_h = _mixing3(w)
+    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if p.direct:
+        x = w3  # unused: each program forms its S~_i
+    else:
+        x = _states(p, q, k, v, scale)
+        x = _mix(p, w3, sw_h, x, trans=False, inplace_ok=True)
+    _launch(
+        _out_kernel, (p.M, p.n_dv, p.B * p.H),
+        (q, k, v, w3, x, o, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+         sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
+        dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, BLOCK_T=p.token_block("out"),
+             NORM=p.norm, DIRECT=p.direct, PREC=p.prec),
+        p.launch("out"),
+    )
+    return o
+
+
+def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW [H, M, M] fp32 = sum over b of dX~ X^T, from partial sums over column splits."""
+    cfg = LAUNCH["dw"]
+    bi = min(_pow2(p.M), max(16, cfg["BLOCK_I"]))
+    n_t = triton.cdiv(p.M, bi)
+    bc = min(cfg["BLOCK_C"], _pow2(p.row))
+    n_col = triton.cdiv(p.row, bc)
+    n_split = max(1, min(n_col, triton.cdiv(cfg["min_programs"], p.B * p.H * n_t * n_t)))
+    cols = triton.cdiv(n_col, n_split) * bc
+    n_split = triton.cdiv(p.row, cols)
+    part = torch.empty((p.B * p.H * n_split, p.M, p.M), dtype=torch.float32, device=x.device)
+    _launch(
+        _dw_kernel, (n_t * n_t, n_split, p.B * p.H),
+        (dxt, x, part, p.M, p.row, p.row_stride, cols, n_split, n_t),
+        dict(BLOCK_I=bi, BLOCK_C=bc, PREC=p.mix_prec, AS_BF16=p.mix_bf16),
+        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
+    return part.view(p.B, p.H, n_split, p.M, p.M).sum(dim=(0, 2))
+
+
+def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_dw: bool = True):
+    """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ...).
+
+    State path buffers ([B * H, M, RS] fp32): X (recomputed) and X~, which becomes dX~ and then
+    dX in place, so at most two are alive; dk and dv are allocated after X is freed.
+    """
+    p = make_plan(q, v, L, norm)
+    w3, sw_h = _mixing3(w)
+    BH = p.B * p.H
+    grid = (p.M, p.n_dv, BH)
+    dims = dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, NORM=p.norm, PREC=p.prec,
+                DIRECT=p.direct, NUM_DV_TILES=p.n_dv)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if p.direct:
+        xm = w3  # unused: each program forms its S~_i
+        dxt = torch.empty((BH, p.M, p.row_stride), dtype=torch.float32, device=q.device)
+        inplace = False
+    else:
+        x = _states(p, q, k, v, scale)
+        xm = _mix(p, w3, sw_h, x, trans=False, inplace_ok=False)
+        inplace = p.n_dv == 1  # with several Dv tiles, program 0 reads all of S~_i while others write
+        dxt = xm if inplace else torch.empty_like(xm)
+    _launch(
+        _bwd_q_kernel, grid,
+        (q, k, v, do, w3, xm, dxt, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+         *_strides(dq), sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
+        dict(dims, BLOCK_T=p.token_block("bwd_q"), INPLACE=inplace, HP=p.hp,
+             HP_PREC="tf32" if p.hp else p.prec),
+        p.launch("bwd_q"),
+    )
+    del xm
+    dw = None
+    if p.direct:
+        z = w3  # unused
+        dwp = torch.empty((BH, p.M, p.M), dtype=torch.float32, device=q.device)
+        dx = dxt
+    else:
+        dwp = w3  # unused
+        if need_dw:
+            dw = _dw_partials(p, dxt, x)
+        # the reference normaliser's dq term needs z_j: keep that slice, free X
+        z = x[:, :, p.DK * p.DV:p.DK * (p.DV + 1)].contiguous() if norm == NORM_REFERENCE else w3
+        del x
+        dx = _mix(p, w3, sw_h, dxt, trans=True, inplace_ok=True)
+    del dxt
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _launch(
+        _bwd_kv_kernel, grid,
+        (q, k, v, w3, z, dx, dq, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
+         *_strides(dk), *_strides(dv), sw_h, p.H, p.L, p.M, p.row_stride, scale),
+        dict(dims, BLOCK_T=p.token_block("bwd_kv")),
+        p.launch("bwd_kv"),
+    )
+    if p.direct and need_dw:
+        dw = dwp.view(p.B, p.H, p.M, p.M).sum(dim=0)
+    if dw is not None and sw_h == 0:
+        dw = dw.sum(dim=0, keepdim=True)
+    return dq, dk, dv, dw
