@@ -147,6 +147,8 @@ def test_custom_op_autograd_matches_eager():
     grads2 = torch.autograd.grad(out2, leaves2, do)
     for a, b in zip([out, *grads], [out2, *grads2]):
         torch.testing.assert_close(a, b)
+    with torch.no_grad():  # inference path, without the autograd function
+        torch.testing.assert_close(triton_ops.mhla_triton(q, k, v, w, *cfg), out2.detach())
 
 
 @pytest.mark.parametrize("normalize,normalizer", [(True, "exact"), (True, "reference")])

@@ -568,7 +568,11 @@ def _bwd_kv_kernel(
 
 
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, 1 << (x - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:  # triton.cdiv is a jit function in recent Triton: slow from Python
+    return -(-a // b)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -582,9 +586,11 @@ _FALLBACK: dict[tuple, dict] = {}
 def _launch(kernel, grid, args, consts: dict, cfg: dict) -> None:
     """kernel[grid](*args, **consts, **cfg); on shared-memory overflow, retry with a smaller token
     tile (when the kernel loops over tokens) and then with one pipeline stage."""
-    key = (kernel.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(cfg.items())),
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    run = {**consts, **cfg, **_FALLBACK.get(key, {})}
+    run = {**consts, **cfg}
+    key = None
+    if _FALLBACK:
+        key = _launch_key(kernel, args, consts, cfg)
+        run.update(_FALLBACK.get(key, {}))
     while True:
         try:
             kernel[grid](*args, **run)
@@ -596,7 +602,13 @@ def _launch(kernel, grid, args, consts: dict, cfg: dict) -> None:
                 run["num_stages"] = 1
             else:
                 raise
+            key = key or _launch_key(kernel, args, consts, cfg)
             _FALLBACK[key] = {n: run[n] for n in ("BLOCK_T", "num_stages") if n in run}
+
+
+def _launch_key(kernel, args, consts: dict, cfg: dict) -> tuple:
+    return (kernel.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(cfg.items())),
+            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
 
 
 @dataclass(frozen=True)
@@ -640,22 +652,36 @@ class Plan:
         return {"num_warps": LAUNCH[name]["num_warps"], "num_stages": LAUNCH[name]["num_stages"]}
 
 
+_PLANS: dict[tuple, Plan] = {}
+
+
 def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
     """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and block size L."""
+    key = (q.shape, v.shape[-1], q.dtype, L, norm, MAX_BLOCK_DV, MAX_BLOCK_DV_FP32, DIRECT_MAX_M,
+           DIRECT_MAX_L, DIRECT_MAX_D, MIX_PREC_HALF, BWD_TF32_HALF, FORCE_PATH)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(q, v, L, norm)
+    return plan
+
+
+def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
     B, N, H, DK = q.shape
     DV = v.shape[-1]
     M = N // L
     fp32 = q.dtype == torch.float32
     block_dk = _pow2(DK)
     block_dv = min(_pow2(DV), max(16, MAX_BLOCK_DV_FP32 if fp32 else MAX_BLOCK_DV))
-    n_dv = triton.cdiv(DV, block_dv)
+    n_dv = _cdiv(DV, block_dv)
     direct = M <= DIRECT_MAX_M and L <= DIRECT_MAX_L and max(DK, DV) <= DIRECT_MAX_D and n_dv == 1
     if FORCE_PATH is not None:
         direct = FORCE_PATH == "direct" and L <= 128 and n_dv == 1
     C = DK * DV + (DK if norm > 0 else 0) + (L if norm == NORM_REFERENCE else 0)
     mix = "ieee" if fp32 else MIX_PREC_HALF
     return Plan(
-        B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, triton.cdiv(C, 32) * 32,
+        B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, _cdiv(C, 32) * 32,
         prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
         hp=not fp32 and BWD_TF32_HALF,
     )
@@ -673,12 +699,12 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
     """W X (or W^T X) over blocks for every (b, h); in place when one program covers all M rows."""
     cfg = LAUNCH["mix"]
     bi = _pow2(p.M) if p.M <= cfg["BLOCK_I"] else cfg["BLOCK_I_LARGE"]
-    n_i = triton.cdiv(p.M, bi)
+    n_i = _cdiv(p.M, bi)
     inplace = inplace_ok and n_i == 1
     y = x if inplace else torch.empty_like(x)
     bc = min(cfg["BLOCK_C"], _pow2(p.row))
     _launch(
-        _mix_kernel, (n_i, triton.cdiv(p.row, bc), p.B * p.H),
+        _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),
         (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
         dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg["BLOCK_J"], _pow2(p.M)), BLOCK_C=bc,
              PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
@@ -725,12 +751,12 @@ def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW [H, M, M] fp32 = sum over b of dX~ X^T, from partial sums over column splits."""
     cfg = LAUNCH["dw"]
     bi = min(_pow2(p.M), max(16, cfg["BLOCK_I"]))
-    n_t = triton.cdiv(p.M, bi)
+    n_t = _cdiv(p.M, bi)
     bc = min(cfg["BLOCK_C"], _pow2(p.row))
-    n_col = triton.cdiv(p.row, bc)
-    n_split = max(1, min(n_col, triton.cdiv(cfg["min_programs"], p.B * p.H * n_t * n_t)))
-    cols = triton.cdiv(n_col, n_split) * bc
-    n_split = triton.cdiv(p.row, cols)
+    n_col = _cdiv(p.row, bc)
+    n_split = max(1, min(n_col, _cdiv(cfg["min_programs"], p.B * p.H * n_t * n_t)))
+    cols = _cdiv(n_col, n_split) * bc
+    n_split = _cdiv(p.row, cols)
     part = torch.empty((p.B * p.H * n_split, p.M, p.M), dtype=torch.float32, device=x.device)
     _launch(
         _dw_kernel, (n_t * n_t, n_split, p.B * p.H),

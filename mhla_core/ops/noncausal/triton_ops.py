@@ -26,16 +26,15 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 def _prepare(q, k, v):
     """Common dtype (fp32/bf16/fp16) and unit last-dim stride; other strides are passed to the kernels."""
-    dtypes = {q.dtype, k.dtype, v.dtype}
-    if torch.float64 in dtypes:
-        raise ValueError(
-            "the Triton MHLA kernels do not support float64 inputs; use backend='torch' for float64"
-        )
     dt = q.dtype
-    for t in (k, v):
-        dt = torch.promote_types(dt, t.dtype)
+    if not (k.dtype == dt and v.dtype == dt):
+        dt = torch.promote_types(torch.promote_types(dt, k.dtype), v.dtype)
     if dt not in _HALF_OR_FLOAT:
-        raise ValueError(f"the Triton MHLA kernels support fp32, bf16 and fp16 inputs, got {sorted(map(str, dtypes))}")
+        if dt == torch.float64:
+            raise ValueError(
+                "the Triton MHLA kernels do not support float64 inputs; use backend='torch' for float64"
+            )
+        raise ValueError(f"the Triton MHLA kernels support fp32, bf16 and fp16 inputs, got {dt}")
     return tuple(_unit_stride(t.to(dt)) for t in (q, k, v))
 
 
@@ -157,7 +156,9 @@ def mhla_triton(
     args = (q, k, v, mixing, int(block_size), bool(normalize), str(normalizer), float(eps), float(scale))
     if torch.compiler.is_compiling():
         return torch.ops.mhla.noncausal_fwd(*args)
-    return _MHLAFunction.apply(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mixing)):
+        return _MHLAFunction.apply(*args)
+    return _forward(*args)  # inference: skip the autograd bookkeeping
 
 
 __all__ = ["mhla_triton", "noncausal_fwd", "noncausal_bwd"]
