@@ -203,3 +203,16 @@ def test_launch_falls_back_on_shared_memory_overflow():
     calls.clear()
     K._launch(FakeKernel(), (1,), (), {"BLOCK_T": 64, "NORM": 1}, {"num_warps": 8, "num_stages": 3})
     assert calls == [(16, 1)]  # the working setting is remembered
+
+
+@pytest.mark.parametrize("path", ["state", "direct"])
+def test_fp16_state_beyond_fp16_range(knobs, path):
+    """fp16 inputs whose mixed state exceeds 65504 (the output does not): no overflow."""
+    knobs(FORCE_PATH=path)
+    B, H, M, L, D = 1, 2, 2, 12, 16
+    q, k, _, _, do = _inputs(B, H, M, L, D, D, False, seed=3)
+    v = 3000.0 + 100.0 * torch.randn(B, M * L, H, D)
+    w = torch.full((M, M), 2.0)
+    out = mhla(*(t.to(DEVICE, torch.float16) for t in (q, k, v)), w.to(DEVICE), block_size=L, backend="triton")
+    ref = mhla(q.double(), k.double(), v.double(), w.double(), block_size=L, backend="torch")
+    assert torch.isfinite(out).all() and _rel(out.cpu(), ref) < 1e-2

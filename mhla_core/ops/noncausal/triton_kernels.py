@@ -296,7 +296,7 @@ def _out_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sw_h, H, L, M, RS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, SF32: tl.constexpr,
 ):
     """o of query block i (program 0), Dv tile program 1: (q' S~_i) / den."""
     i = tl.program_id(0)
@@ -322,12 +322,16 @@ def _out_kernel(
             z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
     qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h)
     ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h)
-    s_d = _cast(s_m, q_ptr.dtype.element_ty)
+    if SF32:  # fp16 inputs: keep the state in fp32 (its entries may exceed the fp16 range)
+        sdt = tl.float32
+    else:
+        sdt = q_ptr.dtype.element_ty
+    s_d = _cast(s_m, sdt)
     for t0 in range(0, L, BLOCK_T):
         tt = t0 + offs_t
         mt = tt < L
         qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
-        num = _dot(qt, s_d, None, PREC) * scale
+        num = _dot(_cast(qt, sdt), s_d, None, PREC) * scale
         if NORM == 1:
             den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
             num = num / den[:, None]
@@ -458,7 +462,7 @@ def _bwd_kv_kernel(
     sw_h, H, L, M, RS, scale,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
-    NUM_DV_TILES: tl.constexpr,
+    NUM_DV_TILES: tl.constexpr, SF32: tl.constexpr,
 ):
     """dk, dv of key block j from dX_j (state path) or from dX~ and W (direct path, also dW[:, j]).
 
@@ -534,7 +538,11 @@ def _bwd_kv_kernel(
                 dqt = tl.load(dq_ptrs, mask=dq_m, other=0.0).to(tl.float32)
                 dqt += (scale * dp_t)[:, None] * z_j[None, :]
                 tl.store(dq_ptrs, _cast(dqt, dq_ptr.dtype.element_ty), mask=dq_m)
-    ds_d = _cast(ds, dt)
+    if SF32:  # fp16 inputs: keep dS in fp32 (its entries may exceed the fp16 range)
+        sdt = tl.float32
+    else:
+        sdt = dt
+    ds_d = _cast(ds, sdt)
     dkb = _block_ptr(dk_ptr, b, h, j, L, sdk_b, sdk_t, sdk_h)
     dvb = _block_ptr(dv_ptr, b, h, j, L, sdv_b, sdv_t, sdv_h)
     for t0 in range(0, L, BLOCK_T):
@@ -542,12 +550,12 @@ def _bwd_kv_kernel(
         mt = tt < L
         kt = _tile(kb, tt, mt, sk_t, offs_k, mk)
         vt = _tile(vb, tt, mt, sv_t, offs_v, mv)
-        dvt = _dot(kt, ds_d, None, PREC)
+        dvt = _dot(_cast(kt, sdt), ds_d, None, PREC)
         tl.store(dvb + tt[:, None] * sdv_t + offs_v[None, :], _cast(dvt, dv_ptr.dtype.element_ty),
                  mask=mt[:, None] & mv[None, :])
         if jv == 0:
             if NUM_DV_TILES == 1:
-                dkt = _dot(vt, tl.trans(ds_d), None, PREC)
+                dkt = _dot(_cast(vt, sdt), tl.trans(ds_d), None, PREC)
             else:
                 dkt = tl.zeros([BLOCK_T, BLOCK_DK], dtype=tl.float32)
                 for v0 in range(0, DV, BLOCK_DV):
@@ -556,7 +564,7 @@ def _bwd_kv_kernel(
                     vc = _tile(vb, tt, mt, sv_t, offs_c, mc)
                     dsc = tl.load(drow + offs_k[:, None] * DV + offs_c[None, :],
                                   mask=mk[:, None] & mc[None, :], other=0.0)
-                    dkt = _dot(vc, tl.trans(_cast(dsc, dt)), dkt, PREC)
+                    dkt = _dot(_cast(vc, sdt), tl.trans(_cast(dsc, sdt)), dkt, PREC)
             if NORM > 0:
                 dkt += dz[None, :]
             tl.store(dkb + tt[:, None] * sdk_t + offs_k[None, :], _cast(dkt, dk_ptr.dtype.element_ty),
@@ -633,6 +641,7 @@ class Plan:
     mix_prec: str
     mix_bf16: bool
     hp: bool  # fp32 (tf32) operands for the S~ products of the backward
+    sf32: bool  # fp16 inputs: fp32 (tf32) operands for every product with a state
 
     def token_block(self, name: str) -> int:
         """BLOCK_T of a token kernel: the whole block on the direct path."""
@@ -683,7 +692,7 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
     return Plan(
         B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, _cdiv(C, 32) * 32,
         prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
-        hp=not fp32 and BWD_TF32_HALF,
+        hp=not fp32 and (BWD_TF32_HALF or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
     )
 
 
@@ -741,7 +750,7 @@ def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float) -> torch.Te
         (q, k, v, w3, x, o, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
          sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
         dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, BLOCK_T=p.token_block("out"),
-             NORM=p.norm, DIRECT=p.direct, PREC=p.prec),
+             NORM=p.norm, DIRECT=p.direct, PREC=p.prec, SF32=p.sf32),
         p.launch("out"),
     )
     return o
@@ -818,7 +827,7 @@ def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_d
         _bwd_kv_kernel, grid,
         (q, k, v, w3, z, dx, dq, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
          *_strides(dk), *_strides(dv), sw_h, p.H, p.L, p.M, p.row_stride, scale),
-        dict(dims, BLOCK_T=p.token_block("bwd_kv")),
+        dict(dims, BLOCK_T=p.token_block("bwd_kv"), SF32=p.sf32),
         p.launch("bwd_kv"),
     )
     if p.direct and need_dw:
