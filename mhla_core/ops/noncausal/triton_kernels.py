@@ -70,10 +70,14 @@ MAX_BLOCK_DV = 128
 MAX_BLOCK_DV_FP32 = 64
 # Largest token tile for fp32 inputs (exact fp32 dots keep their operands in registers).
 FP32_BLOCK_T = 16
-# The direct path is used when M <= DIRECT_MAX_M, L <= DIRECT_MAX_L and Dk, Dv <= DIRECT_MAX_D.
+# The direct path is allowed when M <= DIRECT_MAX_M, L <= DIRECT_MAX_L and Dk, Dv <= DIRECT_MAX_D, and
+# chosen when the cost model (_direct_is_cheaper: effective FLOP/s, bandwidth, launch cost) says so.
 DIRECT_MAX_M = 32
 DIRECT_MAX_L = 64
 DIRECT_MAX_D = 128
+COST_FLOPS = 400e12  # effective tensor-core FLOP/s of the small dots
+COST_BW = 3.0e12  # effective HBM bytes/s
+COST_LAUNCH = 5e-6  # seconds per extra launch
 # tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee" or "bf16").
 MIX_PREC_HALF = "tf32"
 # Half inputs: the backward's products with S~ (numerator recompute, dq) use tf32 instead of bf16/fp16.
@@ -667,7 +671,7 @@ _PLANS: dict[tuple, Plan] = {}
 def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
     """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and block size L."""
     key = (q.shape, v.shape[-1], q.dtype, L, norm, MAX_BLOCK_DV, MAX_BLOCK_DV_FP32, DIRECT_MAX_M,
-           DIRECT_MAX_L, DIRECT_MAX_D, MIX_PREC_HALF, BWD_TF32_HALF, FORCE_PATH)
+           DIRECT_MAX_L, DIRECT_MAX_D, COST_FLOPS, COST_BW, COST_LAUNCH, MIX_PREC_HALF, BWD_TF32_HALF, FORCE_PATH)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 1024:
@@ -684,7 +688,10 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
     block_dk = _pow2(DK)
     block_dv = min(_pow2(DV), max(16, MAX_BLOCK_DV_FP32 if fp32 else MAX_BLOCK_DV))
     n_dv = _cdiv(DV, block_dv)
-    direct = M <= DIRECT_MAX_M and L <= DIRECT_MAX_L and max(DK, DV) <= DIRECT_MAX_D and n_dv == 1
+    direct = (
+        M <= DIRECT_MAX_M and L <= DIRECT_MAX_L and max(DK, DV) <= DIRECT_MAX_D and n_dv == 1
+        and _direct_is_cheaper(B * H, M, L, block_dk, block_dv, q.element_size())
+    )
     if FORCE_PATH is not None:
         direct = FORCE_PATH == "direct" and L <= 128 and n_dv == 1
     C = DK * DV + (DK if norm > 0 else 0) + (L if norm == NORM_REFERENCE else 0)
@@ -694,6 +701,17 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
         prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
         hp=not fp32 and (BWD_TF32_HALF or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
     )
+
+
+def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int) -> bool:
+    """Forward cost model: the direct path does M + 1 token products and moves q, k, v, o once;
+    the state path does 2 plus the mixing GEMM, moves the states three times and launches twice more."""
+    tok = 2.0 * BH * M * L * dk * dv  # one token product, padded head dims
+    tokens = BH * M * L * (2 * dk + 2 * dv) * esize
+    states = BH * M * (dk * dv + dk) * 4.0
+    direct = (M + 1) * tok * _pow2(L) / L / COST_FLOPS + tokens / COST_BW  # whole block = one tile
+    state = 2 * tok / COST_FLOPS + 2.0 * M * states / COST_FLOPS + (tokens + 3 * states) / COST_BW
+    return direct < state + 2 * COST_LAUNCH
 
 
 def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
