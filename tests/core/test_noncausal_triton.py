@@ -92,12 +92,12 @@ def test_several_dv_tiles_and_row_tiles(knobs, normalize, normalizer):
     assert err < TOL[torch.float32], errs
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+HALF_CASES = [(torch.bfloat16, "exact"), (torch.bfloat16, "reference"), (torch.float16, "exact")]
+
+
 @pytest.mark.parametrize("path", ["state", "direct"])
-@pytest.mark.parametrize("normalizer", ["exact", "reference"])
+@pytest.mark.parametrize("dtype,normalizer", HALF_CASES)
 def test_half_precision(knobs, dtype, path, normalizer):
-    if dtype == torch.float16 and normalizer == "reference":
-        pytest.skip("one fp16 case per path is enough")
     knobs(FORCE_PATH=path)
     err, errs = _compare(2, 2, 5, 6, 16, 32, path == "state", True, normalizer, dtype=dtype)
     assert err < TOL[dtype], errs
