@@ -6,7 +6,8 @@
 DiT's recipe: AdamW (lr 1e-4, no weight decay, constant), global batch 256, EMA 0.9999 every step, the
 hybrid loss (MSE + variational bound, `mhla_dit.diffusion`), uniform timesteps, one of the two stored
 views (image or horizontal flip) per sample, bf16 autocast on CUDA. The MHLA mixing constraint is
-applied after every optimiser step. `--config FILE.yaml` sets defaults, the command line overrides them.
+applied after every optimiser step. `--config FILE.yaml` sets defaults, the command line overrides them
+(`--model-kwargs` entries update the config's model_kwargs).
 Checkpoints (`last.safetensors`, `last_ema.safetensors`, `last_state.pt`, `config.yaml`) are written
 atomically to --output; `--resume` continues exactly (every step is seeded from (seed, step, rank));
 `--init-from` loads a standard DiT or authors' MHLA-DiT checkpoint and reports missing/unexpected keys.
@@ -29,7 +30,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
-from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
+from mhla_core.config import ParseKwargs, dump_yaml, load_yaml, parse_with_config
 from mhla_dit.checkpoints import init_from, model_metadata
 from mhla_dit.data import LatentDataset
 from mhla_dit.diffusion import Diffusion
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=0, help="stop after N updates (0: run all epochs)")
     a("--global-batch-size", type=int, default=256)
     a("--lr", type=float, default=1e-4)
+    a("--warmup-steps", type=int, default=0, help="linear lr warm-up over N updates (0: none, as DiT)")
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=0.0, help="gradient clipping (0: off, as DiT)")
     a("--ema-decay", type=float, default=0.9999)
@@ -180,6 +182,9 @@ def run(args: argparse.Namespace) -> dict:
                 raise FloatingPointError(f"loss is {loss.item()} at update {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.warmup_steps:
+                for group in optimizer.param_groups:
+                    group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
             if args.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -226,7 +231,10 @@ def _wandb(args: argparse.Namespace, out: Path):
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run(parse_with_config(build_parser(), argv))
+    args = parse_with_config(build_parser(), argv)
+    if args.config:  # --model-kwargs on the command line update the config's rather than replace them
+        args.model_kwargs = {**(load_yaml(args.config).get("model_kwargs") or {}), **args.model_kwargs}
+    return run(args)
 
 
 if __name__ == "__main__":
