@@ -91,6 +91,8 @@ def _setup(args: argparse.Namespace):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # DiT's sampling default
     model, meta = load_model(args.ckpt, device)
     data = meta.get("data", {})
     vae = args.vae if args.vae is not None else data.get("vae")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--experiment", default=None)
     a("--resume", action="store_true", help="continue from --output's last checkpoint")
     a("--init-from", default=None, help="a standard DiT / MHLA-DiT checkpoint (.pt or .safetensors)")
-    a("--checkpoint-every", type=int, default=0, help="also checkpoint every N updates (0: per epoch only)")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N updates (0: at every epoch's end); always at the end")
     a("--keep-every", type=int, default=0, help="keep a copy of the EMA weights every N updates (0: never)")
     a("--log-interval", type=int, default=100)
     a("--workers", type=int, default=4)
@@ -178,8 +179,6 @@ def run(args: argparse.Namespace) -> dict:
             t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
             losses = diffusion.training_losses(forward, x, t, y)
             loss = losses["loss"].mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at update {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.warmup_steps:
@@ -198,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
                 if world > 1:
                     dist.all_reduce(sums)
                 avg = (sums / (count * world)).tolist()
+                if not all(map(math.isfinite, avg)):  # checked here, not every step: no host sync per update
+                    raise FloatingPointError(f"non-finite loss {avg} in the {count} updates up to {step}")
                 sums.zero_()
                 count = 0
                 if main:
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
                 checkpoint()
             if step >= total:
                 break
-        checkpoint()
+        if not args.checkpoint_every or step >= total:
+            checkpoint()
     if main:
         log.close()
     if dist.is_initialized():
