@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--experiment", default=None)
     a("--resume", action="store_true", help="continue from --output's last checkpoint")
     a("--init-from", default=None, help="a standard DiT / MHLA-DiT checkpoint (.pt or .safetensors)")
-    a("--checkpoint-every", type=int, default=0, help="checkpoint every N updates (0: at every epoch's end); always at the end")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N updates (0: each epoch's end) and at the end")
     a("--keep-every", type=int, default=0, help="keep a copy of the EMA weights every N updates (0: never)")
     a("--log-interval", type=int, default=100)
     a("--workers", type=int, default=4)
