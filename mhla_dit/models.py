@@ -150,8 +150,8 @@ class DiT(nn.Module):
         learn_sigma: predict the variance interpolation too (2C output channels).
         attention: "mhla", "softmax" or "linear" (MHLA with one block, M = 1).
         block_size: MHLA tokens per block (a perfect square; the grid is padded where it does not divide).
-        normalizer, transform, lepe_kernel, mixing_constraint, attn_drop, qkv_bias, qk_norm, backend:
-            MHLA settings (attn_drop is the output dropout of the MHLA layer).
+        normalizer, transform, lepe_kernel, mixing_constraint, proj_drop, qkv_bias, qk_norm, backend:
+            MHLA settings (proj_drop: the MHLA output dropout; the softmax attention has none, as DiT).
     """
 
     def __init__(
@@ -172,7 +172,7 @@ class DiT(nn.Module):
         transform: str = "linear",
         lepe_kernel: int | None = 3,
         mixing_constraint: str = "clamp01",
-        attn_drop: float = 0.1,
+        proj_drop: float = 0.1,
         qkv_bias: bool = True,
         qk_norm: bool = False,
         backend: str = "auto",
@@ -193,7 +193,7 @@ class DiT(nn.Module):
                 return SoftmaxAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
             return MHLAAttention(hidden_size, num_heads, grid=self.grid, blocks=(blocks, blocks), transform=transform,
                                  normalizer=normalizer, lepe_kernel=lepe_kernel, mixing_constraint=mixing_constraint,
-                                 proj_drop=attn_drop, qkv_bias=qkv_bias, qk_norm=qk_norm, backend=backend)
+                                 proj_drop=proj_drop, qkv_bias=qkv_bias, qk_norm=qk_norm, backend=backend)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)

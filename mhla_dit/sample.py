@@ -13,6 +13,7 @@ interrupted run resumes), then rank 0 assembles the first N images in order.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -90,7 +91,8 @@ def _setup(args: argparse.Namespace):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # only barriers: gloo, with a timeout that outlasts uneven (resumed) sampling
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # DiT's sampling default
     model, meta = load_model(args.ckpt, device)

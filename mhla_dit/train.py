@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         for x, y in loader:
             torch.manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
             view = torch.zeros(len(x), dtype=torch.long) if args.no_flip else torch.randint(views, (len(x),))
-            x = x[torch.arange(len(x)), view].to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)[torch.arange(len(x), device=device), view.to(device)]
             y = y.to(device, non_blocking=True)
             t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
             losses = diffusion.training_losses(forward, x, t, y)
