@@ -189,7 +189,10 @@ def markdown(rows: list[dict], device_name: str) -> str:
         lines.append(f"| {r['model']} | {r['res']} | {r['tokens']} | {r['batch']} | {r['attention']} | "
                      f"{r['train_img_s']:.1f} | {r['sample_img_s']:.2f} | {ratio['train']} | {ratio['sample']} | "
                      f"{peak} | {backends} |")
-    lines += ["", "`train x`, `sample x`: throughput relative to softmax attention at the same model and size."]
+    lines += ["", "`train x`, `sample x`: throughput relative to softmax attention at the same model and size. "
+              "For scale: the paper reports 7.40 vs 0.90 (8.2x over FlashAttention) for its own image-generation "
+              "model, at far longer token sequences than DiT's 256 (256 px) and 1,024 (512 px) tokens; "
+              "`--resolutions 1024` adds 4,096-token rows."]
     return "\n".join(lines) + "\n"
 
 
