@@ -39,11 +39,12 @@ def write_shard(root: str | os.PathLike, index: int, x: np.ndarray, y: np.ndarra
         raise ValueError(f"expected latents [n, views, C, H, W] and n labels, got {x.shape} and {y.shape}")
     px, py = shard_paths(root, index)
     for path, arr in ((px, x), (py, np.asarray(y, dtype=np.int64))):
-        atomic_write(path, lambda tmp, arr=arr: _save_npy(tmp, arr))
+        atomic_write(path, lambda tmp, arr=arr: save_npy(tmp, arr))
 
 
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a temporary name
+def save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """np.save through a file object (np.save itself appends ".npy" to a temporary file's name)."""
+    with open(path, "wb") as f:
         np.save(f, arr)
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from mhla_core.checkpoint import atomic_write
 from mhla_dit.checkpoints import load_model
+from mhla_dit.data import save_npy
 from mhla_dit.diffusion import sample
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
@@ -146,7 +147,7 @@ def sample_npz(args: argparse.Namespace) -> Path | None:
         z = sample(model, y, _latent_shape(model), num_steps=args.num_sampling_steps, cfg_scale=cfg,
                    generator=gen, autocast_dtype=amp)
         images = decode(z)
-        atomic_write(path, lambda tmp, images=images: _save_npy(tmp, images))
+        atomic_write(path, lambda tmp, images=images: save_npy(tmp, images))
     if dist.is_initialized():
         dist.barrier()
     result = None
@@ -170,11 +171,6 @@ def _check_settings(path: Path, settings: dict) -> None:
         raise SystemExit(f"{path.parent} holds parts sampled with other settings {path.read_text().strip()}; "
                          "remove it or choose another --npz")
     path.write_text(json.dumps(settings) + "\n")
-
-
-def _save_npy(path: str, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr)
 
 
 def _savez(path: str, images: np.ndarray) -> None:
