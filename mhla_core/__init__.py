@@ -1,6 +1,6 @@
 """mhla_core: the MHLA operator (functional ops, Triton kernels), block layouts, mixing and layers."""
 
-from mhla_core.layers import MHLA
+from mhla_core.layers import MHLA, constrain_mixing
 from mhla_core.layout import BlockLayout
 from mhla_core.mixing import block_distance_mixing, causal_mixing_init
 from mhla_core.ops import MHLAState, chunk_mhla, fused_recurrent_mhla, mhla
@@ -16,4 +16,5 @@ __all__ = [
     "block_distance_mixing",
     "causal_mixing_init",
     "MHLA",
+    "constrain_mixing",
 ]

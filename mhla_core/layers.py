@@ -174,3 +174,10 @@ class MHLA(nn.Module):
             v_grid = v.transpose(1, 2).reshape(B, C, *grid)
             o = o + self.lepe(v_grid).reshape(B, C, N).transpose(1, 2)
         return self.proj_drop(self.proj(o))
+
+
+def constrain_mixing(model: nn.Module) -> None:
+    """Apply the mixing constraint of every MHLA layer inside `model` (call after each optimiser step)."""
+    for m in model.modules():
+        if isinstance(m, MHLA):
+            m.constrain_mixing()

@@ -276,8 +276,3 @@ def create_model(name: str, **kwargs) -> DiT:
     return DiT(**{**DiT_models[name], **kwargs})
 
 
-def constrain_mixing(model: nn.Module) -> None:
-    """Apply every MHLA layer's mixing constraint in place (call after each optimiser step)."""
-    for m in model.modules():
-        if isinstance(m, MHLA):
-            m.constrain_mixing()

@@ -30,12 +30,13 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, load_yaml, parse_with_config
 from mhla_dit.checkpoints import init_from, model_metadata
 from mhla_dit.data import LatentDataset
 from mhla_dit.diffusion import Diffusion
-from mhla_dit.models import DiT_models, constrain_mixing, create_model
+from mhla_dit.models import DiT_models, create_model
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ train / eval scripts on timm's data, mixup, optimiser, scheduler and EMA APIs.
 Importing the package registers `mhla_deit_{tiny,small,base}_patch16_{224,384,512}` and
 `linear_deit_{tiny,small,base}_patch16_224` with timm."""
 
-from mhla_image_classification.models import MODEL_NAMES, constrain_mixing
+from mhla_core import constrain_mixing
+from mhla_image_classification.models import MODEL_NAMES
 
 __all__ = ["MODEL_NAMES", "constrain_mixing"]

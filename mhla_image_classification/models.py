@@ -68,13 +68,6 @@ def mhla_attention(grid: tuple[int, int], **mhla_kwargs) -> type[MHLAAttention]:
     return type("MHLAAttention", (MHLAAttention,), {"grid": tuple(grid), "mhla_kwargs": mhla_kwargs})
 
 
-def constrain_mixing(model: nn.Module) -> None:
-    """Apply every MHLA layer's mixing constraint (call after each optimiser step)."""
-    for m in model.modules():
-        if isinstance(m, MHLA):
-            m.constrain_mixing()
-
-
 def _create(
     variant: str,
     size: str,

@@ -32,11 +32,12 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import mhla_image_classification  # noqa: F401  (registers the models with timm)
+from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
 from mhla_image_classification.data import SeededDataset, build_transforms, check_split, eval_loader, train_loader
 from mhla_image_classification.evaluate import evaluate
-from mhla_image_classification.models import MODEL_NAMES, constrain_mixing
+from mhla_image_classification.models import MODEL_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,12 +53,14 @@ def expand_mixing(mixing: torch.Tensor, num_heads: int) -> torch.Tensor:
     return mixing
 
 
-def resolve_backend(backend: str, device: torch.device, triton_available: bool) -> str:
-    """Map "auto" to "triton" on CUDA when kernels exist, else "torch"; reject unknown names."""
+def resolve_backend(backend: str, device: torch.device, triton_available: bool,
+                    dtype: torch.dtype = torch.float32) -> str:
+    """Map "auto" to "triton" for CUDA half/fp32 inputs when kernels exist, else "torch"; reject unknown names."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if (device.type == "cuda" and triton_available) else "torch"
+        fast = device.type == "cuda" and triton_available and dtype != torch.float64
+        return "triton" if fast else "torch"
     if backend == "triton" and not triton_available:
         raise NotImplementedError(
             "backend='triton' has no kernel for this op yet; use backend='torch' or 'auto'"

@@ -83,3 +83,15 @@ def test_grid_mismatch():
         layer(torch.randn(1, 20, 16), grid=(4, 4))
     with pytest.raises(ValueError, match="3 axes"):
         layer(torch.randn(1, 8, 16), grid=(2, 2, 2))
+
+
+def test_auto_backend_choice():
+    from mhla_core.ops.utils import resolve_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", cuda, True, torch.bfloat16) == "triton"
+    assert resolve_backend("auto", cuda, True, torch.float64) == "torch"  # the kernels take no fp64
+    assert resolve_backend("auto", cpu, True, torch.float32) == "torch"
+    assert resolve_backend("auto", cuda, False, torch.float32) == "torch"
+    with pytest.raises(NotImplementedError, match="no kernel"):
+        resolve_backend("triton", cpu, False)

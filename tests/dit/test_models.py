@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mhla_core import MHLA
-from mhla_dit.models import DiT_models, constrain_mixing, create_model, sincos_pos_embed_2d
+from mhla_core import MHLA, constrain_mixing
+from mhla_dit.models import DiT_models, create_model, sincos_pos_embed_2d
 
 from .conftest import TINY
 

@@ -65,7 +65,7 @@ def chunk_mhla(
     for off, n in zip(offsets, lengths):
         check_length(off + n, chunk_size, L)
     s = default_scale(q.shape[-1], scale)
-    backend = resolve_backend(backend, q.device, chunk_mhla_triton is not None)
+    backend = resolve_backend(backend, q.device, chunk_mhla_triton is not None, v.dtype)
     fn = chunk_mhla_triton if backend == "triton" else chunk_mhla_naive
     return fn(q, k, v, mixing, chunk_size, s, initial_state, output_final_state, bounds)
 

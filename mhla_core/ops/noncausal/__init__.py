@@ -69,7 +69,7 @@ def mhla(
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     s = default_scale(q.shape[-1], scale)
-    backend = resolve_backend(backend, q.device, mhla_triton is not None)
+    backend = resolve_backend(backend, q.device, mhla_triton is not None, v.dtype)
     fn = mhla_triton if backend == "triton" else mhla_naive
     return fn(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
 
