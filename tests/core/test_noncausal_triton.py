@@ -218,10 +218,10 @@ def test_fp16_state_beyond_fp16_range(knobs, path):
     assert torch.isfinite(out).all() and _rel(out.cpu(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("mix_impl,mix_prec", [("triton", "tf32"), ("matmul", "bf16")])
+@pytest.mark.parametrize("mix_impl,mix_prec", [("matmul", "tf32"), ("matmul", "bf16"), ("triton", "bf16")])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_mixing_implementations(knobs, mix_impl, mix_prec, per_head):
-    """The Triton mixing kernel (MIX_IMPL="triton") and bf16 GEMM operands still match the reference."""
+    """The cuBLAS mixing (MIX_IMPL="matmul") and bf16 mixing operands still match the reference."""
     knobs(MIX_IMPL=mix_impl, MIX_PREC_HALF=mix_prec, FORCE_PATH="state")
     err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16)
     assert err < TOL[torch.bfloat16], errs

@@ -80,9 +80,10 @@ COST_BW = 3.0e12  # effective HBM bytes/s
 COST_LAUNCH = 5e-6  # seconds per extra launch
 # tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee" or "bf16").
 MIX_PREC_HALF = "tf32"
-# How the block mixing runs: "matmul" (cuBLAS batched GEMM; 5x faster than the Triton kernel on an
-# H200 at the Wan shape, docs/kernels.md) or "triton" (the _mix_kernel below).
-MIX_IMPL = "matmul"
+# How the block mixing runs: "triton" (the _mix_kernel below, in place) or "matmul" (a broadcast cuBLAS
+# batched GEMM). Measured on an H200 (docs/kernels.md): "matmul" was slower at the Wan shape (fwd 0.85 vs
+# 0.52 ms) and faster only at 126K tokens (fwd+bwd 11.7 vs 13.0 ms), with one more state buffer.
+MIX_IMPL = "triton"
 # Half inputs: the backward's products with S~ (numerator recompute, dq) use tf32 instead of bf16/fp16.
 BWD_TF32_HALF = True
 # Force a path ("state" or "direct") whatever the sizes; None = choose by size. For tests and sweeps.
@@ -726,7 +727,7 @@ def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """W X (or W^T X) over blocks for every (b, h): cuBLAS by default (MIX_IMPL), else the Triton kernel."""
+    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (MIX_IMPL)."""
     if MIX_IMPL == "matmul":
         return _mix_matmul(p, w3, x, trans)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok)
