@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mhla_core import constrain_mixing  # noqa: E402
 from mhla_dit.diffusion import Diffusion  # noqa: E402
-from mhla_dit.models import constrain_mixing, create_model  # noqa: E402
+from mhla_dit.models import create_model  # noqa: E402
 
 BATCH = {256: 64, 512: 16, 1024: 4}  # images per batch by resolution (latents are 1/8 of the pixels)
 TINY = dict(hidden_size=64, depth=2, num_heads=2)
