@@ -68,7 +68,7 @@ def demo_args(variant: str, data_dir: Path, out: Path, *, epochs: int, img_size:
             "--epochs", str(epochs), "--warmup-epochs", "1", "--lr", "2e-3", "--batch-size", str(batch_size),
             "--aa", "", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--color-jitter", "0", "--hflip", "0",
             "--scale-min", "0.7", "--drop-path", "0.0", "--smoothing", "0.1", "--seed", str(seed),
-            "--workers", str(workers), "--log-interval", "1000", "--sched-on-updates", "--device", device]
+            "--workers", str(workers), "--log-interval", "20", "--sched-on-updates", "--device", device]
 
 
 def run_demo(variants: Sequence[str], seeds: Sequence[int], *, data_dir: Path, out: Path, epochs: int,
