@@ -1,0 +1,156 @@
+"""MHLA self-attention for diffusers' Wan transformer: a `WanAttention` subclass and its processor.
+
+The math (the authors' `MHLA_Video_Uni` with `norm_output: false`, `rope_after: true`):
+
+    q = relu(RMSNorm_C(W_q x)) + 1e-6,  k likewise,  v = W_v x        (fp32)
+    q_r, k_r = Wan 3-axis RoPE(q), RoPE(k)                                (after the feature map)
+    S_j = sum_{t in block j} k_r,t v_t^T,   S~_i = sum_j W[i, j] S_j      (blocks over (F, H, W))
+    o_t = q_r,t^T S~_i                                                    (no normaliser, scale 1)
+    out = W_o( RMSNorm_head(o) [* SiLU(W_g x + b_g)] )
+
+Parameter names follow the authors' checkpoint: `g` (gate, optional), `g_norm` (per-head RMSNorm),
+`block_attn.conv` (the mixing matrix stored as a [M, M, 1, 1] 1x1-conv weight).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_wan import WanAttention
+from torch import nn
+
+from mhla_core import BlockLayout, mhla
+
+FEATURE_EPS = 1e-6  # phi(x) = relu(x) + 1e-6, as the reference
+
+
+class RotaryWithGrid(tuple):
+    """Wan's `(freqs_cos, freqs_sin)` rotary tuple that also carries the latent token grid (F, H, W).
+
+    The transformer's rope module returns this (see `MHLAWanTransformer3DModel`), so the grid reaches
+    every attention processor through the ordinary `rotary_emb` argument, gradient checkpointing included.
+    """
+
+    grid: tuple[int, int, int]
+
+    def __new__(cls, freqs: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]) -> RotaryWithGrid:
+        obj = super().__new__(cls, tuple(freqs))
+        obj.grid = tuple(int(g) for g in grid)
+        return obj
+
+
+def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE on x [B, N, H, D]; computed in float64 like the reference, returns fp32."""
+    x64 = x.double()
+    x1, x2 = x64.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2].to(x.device, torch.float64)
+    sin = freqs_sin[..., 1::2].to(x.device, torch.float64)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.float()
+
+
+class BlockMixing(nn.Module):
+    """Holds the [M, M] mixing matrix as the weight of a 1x1 conv (key `conv.weight`, [M, M, 1, 1]).
+
+    Row i is the query block, column j the key block, as in the reference's `conv(kv)` over blocks.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(num_blocks, num_blocks, kernel_size=1, bias=False)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """W [M, M]."""
+        return self.conv.weight[:, :, 0, 0]
+
+
+class MHLAWanAttnProcessor:
+    """Processor of `MHLAWanAttention`: MHLA over block-major tokens of the (F, H, W) latent grid."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
+
+    def __call__(
+        self,
+        attn: MHLAWanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        grid: tuple[int, int, int] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("MHLA replaces self-attention only: no encoder_hidden_states or attention_mask")
+        grid = grid or getattr(rotary_emb, "grid", None)
+        if grid is None:
+            raise ValueError(
+                "MHLAWanAttention needs the latent token grid (F, H, W): run it inside MHLAWanTransformer3DModel "
+                "or pass grid=(F, H, W)"
+            )
+        B, N, _ = hidden_states.shape
+        if math.prod(grid) != N:
+            raise ValueError(f"token grid {tuple(grid)} has {math.prod(grid)} tokens, hidden_states has {N}")
+        dtype = hidden_states.dtype
+        nq, nk = attn.norm_q, attn.norm_k
+        q = F.rms_norm(attn.to_q(hidden_states).float(), nq.normalized_shape, nq.weight.float(), nq.eps)
+        k = F.rms_norm(attn.to_k(hidden_states).float(), nk.normalized_shape, nk.weight.float(), nk.eps)
+        q = torch.relu(q) + FEATURE_EPS
+        k = torch.relu(k) + FEATURE_EPS
+        v = attn.to_v(hidden_states).float()
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        if rotary_emb is not None:
+            q = apply_wan_rope(q, *rotary_emb)
+            k = apply_wan_rope(k, *rotary_emb)
+
+        layout = BlockLayout(tuple(grid), attn.block_layout)
+        q, k, v = (layout.to_blocks(t) for t in (q, k, v))
+        out = mhla(
+            q, k, v, attn.block_attn.matrix.float(),
+            block_size=layout.block_size, normalize=False, scale=1.0, backend=self.backend,
+        )
+        out = layout.from_blocks(out).to(dtype)  # [B, N, H, D]
+
+        gn = attn.g_norm
+        out = F.rms_norm(out.float(), gn.normalized_shape, eps=gn.eps).to(dtype) * gn.weight
+        out = out.flatten(2, 3)
+        if attn.g is not None:
+            out = out * F.silu(attn.g(hidden_states))
+        out = attn.to_out[0](out.to(attn.to_out[0].weight.dtype))
+        return attn.to_out[1](out)
+
+
+class MHLAWanAttention(WanAttention):
+    """Wan self-attention with MHLA: Wan's `to_q/k/v/out`, `norm_q/k` plus `g`, `g_norm`, `block_attn.conv`.
+
+    Args:
+        dim: model width.
+        heads: attention heads.
+        dim_head: head dimension.
+        eps: RMSNorm epsilon of `norm_q`/`norm_k` and `g_norm`.
+        block_layout: number of blocks along (frames, height, width).
+        gated: add the output gate `SiLU(g(x))`.
+    """
+
+    _default_processor_cls = MHLAWanAttnProcessor
+    _available_processors = [MHLAWanAttnProcessor]
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        eps: float = 1e-6,
+        block_layout: tuple[int, int, int] = (3, 5, 10),
+        gated: bool = False,
+    ) -> None:
+        super().__init__(dim=dim, heads=heads, dim_head=dim_head, eps=eps, processor=MHLAWanAttnProcessor())
+        self.block_layout = tuple(int(b) for b in block_layout)
+        self.g = nn.Linear(dim, self.inner_dim, bias=True) if gated else None
+        self.g_norm = nn.RMSNorm(dim_head, eps=eps, elementwise_affine=True)
+        self.block_attn = BlockMixing(math.prod(self.block_layout))
+
+    def fuse_projections(self) -> None:  # the MHLA processor reads to_q/to_k/to_v separately
+        raise NotImplementedError("MHLAWanAttention does not fuse its projections")
