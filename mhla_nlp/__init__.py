@@ -1,2 +1,27 @@
-"""MHLA language modelling (to come): a transformers-compatible MHLAConfig / MHLAForCausalLM built on
-flash-linear-attention modules, using mhla_core's causal chunked op, with training, evaluation and MQAR."""
+"""mhla_nlp: MHLA language models on transformers + flash-linear-attention.
+
+`import mhla_nlp` registers `MHLAConfig` (model_type "mhla"), `MHLAModel` and `MHLAForCausalLM`
+with transformers' `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+
+- `mhla_nlp.layers.MHLAAttention`: q/k/v/g/o projections, ReLU on q and k, rotary, the causal
+  chunked op `mhla_core.chunk_mhla` (decoding: `mhla_core.fused_recurrent_mhla`), gated RMSNorm.
+- Padding masks are packed into documents (`cu_seqlens`), packed input takes `cu_seqlens=`;
+  `generate(use_cache=True)` equals uncached decoding, also for left-padded batches.
+- Inputs longer than `chunk_size * max_chunks` raise a ValueError naming `max_chunks`.
+- Authors' checkpoints: `model.load_reference_state_dict(sd)` (or plain `load_state_dict`).
+- After each optimiser step call `model.constrain_mixing()`.
+
+fla's Triton modules run on CUDA tensors; `mhla_nlp.modules` gives PyTorch twins for CPU.
+See docs/nlp.md for what is done and what is left (training, evaluation, MQAR, replication).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from mhla_nlp.layers import MHLAAttention
+from mhla_nlp.models.mhla import MHLAConfig, MHLAForCausalLM, MHLAModel
+
+AutoConfig.register(MHLAConfig.model_type, MHLAConfig, exist_ok=True)
+AutoModel.register(MHLAConfig, MHLAModel, exist_ok=True)
+AutoModelForCausalLM.register(MHLAConfig, MHLAForCausalLM, exist_ok=True)
+
+__all__ = ["MHLAConfig", "MHLAModel", "MHLAForCausalLM", "MHLAAttention"]

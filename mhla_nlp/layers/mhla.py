@@ -1,0 +1,190 @@
+"""Causal MHLA attention layer for language modelling (fla-style, on `mhla_core.chunk_mhla`).
+
+q, k = ReLU(q_proj x), ReLU(k_proj x), rotated (rotary, base 1e4); v = v_proj x; the causal
+chunked op (no normaliser, scale Dk^-0.5); a per-head RMSNorm gated by swish(g_proj x); o_proj.
+Parameter names follow the authors' checkpoints (`q_proj`, ..., `mixing_matrix`, `g_norm_swish_gate`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla
+from mhla_nlp.modules import FusedRMSNormGated, Rotary
+
+
+def _mixing_pre_hook(module: MHLAAttention):
+    def hook(state_dict, prefix, *args):
+        key = prefix + "mixing_matrix"
+        w = state_dict.get(key)
+        if w is not None and w.dim() > 2:
+            state_dict[key] = reshape_reference_mixing(w)
+
+    return hook
+
+
+def reshape_reference_mixing(w: torch.Tensor) -> torch.Tensor:
+    """The authors store the mixing as [L, L, 1, 1, 1, 1]; return it as [L, L]."""
+    if w.dim() < 2 or w.shape[0] != w.shape[1] or w[0, 0].numel() != 1:
+        raise ValueError(f"mixing_matrix of shape {tuple(w.shape)} is not [L, L] or [L, L, 1, ...]")
+    return w.reshape(w.shape[0], w.shape[1])
+
+
+class MHLAAttention(nn.Module):
+    """Causal multi-head linear attention with chunk mixing (one `mixing_matrix` [L, L] per layer).
+
+    Handles full batches, padded batches (attention_mask -> packed documents), packed input
+    (`cu_seqlens`, batch 1) and cached decoding (prefill with `chunk_mhla`, then
+    `fused_recurrent_mhla` per token from an `MHLAState` with per-sequence offsets).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 1024,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        num_heads: int = 4,
+        norm_eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        chunk_size: int = 64,
+        max_chunks: int = 32,
+        mixing_clamp: tuple[float, float] = (1e-5, 1.0),
+        rope_theta: float = 10000.0,
+        layer_idx: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.hidden_size, self.num_heads, self.layer_idx = hidden_size, num_heads, layer_idx
+        self.key_dim, self.value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if self.key_dim % num_heads or self.value_dim % num_heads:
+            raise ValueError(
+                f"key dim {self.key_dim} and value dim {self.value_dim} must divide by num_heads {num_heads}"
+            )
+        self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        self.chunk_size, self.max_chunks = int(chunk_size), int(max_chunks)
+        self.mixing_clamp = (float(mixing_clamp[0]), float(mixing_clamp[1]))
+        self.backend = backend
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.mixing_matrix = nn.Parameter(causal_mixing_init(self.max_chunks))
+        self.g_norm_swish_gate = FusedRMSNormGated(self.head_v_dim, elementwise_affine=elementwise_affine, eps=norm_eps)
+        self.rotary = Rotary(self.head_k_dim, base=rope_theta)
+        self._register_load_state_dict_pre_hook(_mixing_pre_hook(self))
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the mixing covers: max_chunks * chunk_size."""
+        return self.max_chunks * self.chunk_size
+
+    @torch.no_grad()
+    def reset_mixing(self) -> None:
+        """Re-initialise the mixing to the reference `tril / (i + 1)`."""
+        self.mixing_matrix.copy_(causal_mixing_init(self.max_chunks))
+
+    @torch.no_grad()
+    def constrain_mixing(self) -> None:
+        """Clamp the mixing into `mixing_clamp` and zero it above the diagonal (after optimiser steps)."""
+        lo, hi = self.mixing_clamp
+        self.mixing_matrix.clamp_(lo, hi).tril_()
+
+    def _check_length(self, end: int) -> None:
+        if end > self.max_length:
+            raise ValueError(
+                f"a sequence reaches {end} tokens but the model covers max_chunks * chunk_size = "
+                f"{self.max_chunks} * {self.chunk_size} = {self.max_length}; raise `max_chunks` in the config "
+                f"to at least {-(-end // self.chunk_size)} (the mixing matrix is max_chunks x max_chunks)"
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any | None = None,
+        use_cache: bool | None = False,
+        output_attentions: bool | None = False,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None, Any]:
+        """hidden_states [B, T, D]; attention_mask [B, T_past + T] (1 = token, 0 = padding, contiguous per row)."""
+        B, T, _ = hidden_states.shape
+        dev = hidden_states.device
+        state: MHLAState | None = None
+        if past_key_values is not None and len(past_key_values) > self.layer_idx:
+            state = past_key_values[self.layer_idx]["recurrent_state"]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(
+                    f"attention_mask must be [B, T] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask[:, -T:]
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        ar = torch.arange(T, device=dev)
+
+        indices = None
+        x = hidden_states
+        if state is not None:
+            if cu_seqlens is not None or padded:
+                raise ValueError(
+                    "with a cache, new tokens must all be real tokens of one sequence per row: "
+                    "left padding before the prefill is supported, padding or cu_seqlens after it is not"
+                )
+            offs = torch.tensor(state.offsets, device=dev)
+            positions = offs[:, None] + ar
+            self._check_length(max(state.offsets) + T)
+        elif padded:
+            if cu_seqlens is not None:
+                raise ValueError("pass either an attention_mask with padding or cu_seqlens, not both")
+            mask = attention_mask.bool()
+            starts = (F.pad(mask.int(), (1, 0)).diff(dim=1) == 1).sum(1)
+            if bool((starts > 1).any()):
+                raise ValueError("the tokens of each row of attention_mask must be contiguous (left or right padding)")
+            lengths = mask.sum(1)
+            self._check_length(int(lengths.max()))
+            indices = mask.flatten().nonzero().squeeze(1)
+            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            positions = (mask.cumsum(1) - 1).flatten()[indices][None]
+            x = hidden_states.flatten(0, 1)[indices][None]
+        elif cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs packed input of batch 1, got batch {B}")
+            cu = cu_seqlens.to(dev)
+            self._check_length(int((cu[1:] - cu[:-1]).max()))
+            doc = torch.searchsorted(cu[1:].contiguous(), ar, right=True)
+            positions = (ar - cu[doc])[None]
+        else:
+            self._check_length(T)
+            positions = ar.expand(B, T)
+
+        H = self.num_heads
+        q = F.relu(self.q_proj(x)).unflatten(-1, (H, self.head_k_dim))
+        k = F.relu(self.k_proj(x)).unflatten(-1, (H, self.head_k_dim))
+        v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+
+        want_state = bool(use_cache) and past_key_values is not None
+        common = dict(chunk_size=self.chunk_size, initial_state=state, output_final_state=want_state)
+        if state is not None and T == 1:
+            o, new_state = fused_recurrent_mhla(q, k, v, self.mixing_matrix, **common)
+        else:
+            o, new_state = chunk_mhla(
+                q, k, v, self.mixing_matrix, cu_seqlens=cu_seqlens, backend=self.backend, **common
+            )
+
+        g = self.g_proj(x).unflatten(-1, (H, self.head_v_dim))
+        o = self.g_norm_swish_gate(o, g).flatten(-2)
+        o = self.o_proj(o)
+        if indices is not None:
+            out = o.new_zeros(B * T, o.shape[-1])
+            out[indices] = o[0]
+            o = out.view(B, T, -1)
+        if want_state:
+            past_key_values.update(recurrent_state=new_state, layer_idx=self.layer_idx, offset=T)
+        return o, None, past_key_values

@@ -1,0 +1,87 @@
+"""fla's LM building blocks with plain-PyTorch twins for tensors not on CUDA.
+
+fla's fused modules are Triton-only; each subclass here keeps fla's parameters (and so the
+checkpoint key names) and runs fla's kernel on CUDA tensors, an equivalent PyTorch expression
+elsewhere. Rotary embeddings are computed in PyTorch on every device from explicit per-token
+positions (needed for packed documents and left-padded batches); the formula is fla's
+non-interleaved rotary with base 1e4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fla.modules import FusedRMSNormGated as _FlaRMSNormGated
+from fla.modules import GatedMLP as _FlaGatedMLP
+from fla.modules import RMSNorm as _FlaRMSNorm
+from torch import nn
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y
+
+
+class RMSNorm(_FlaRMSNorm):
+    """fla.modules.RMSNorm (optionally fused with the residual add), with a PyTorch path off CUDA."""
+
+    def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):  # noqa: D102
+        if x.is_cuda:
+            return super().forward(x, residual, prenorm, residual_in_fp32)
+        dtype = x.dtype
+        if residual is not None:
+            x = x.float() + residual.float() if residual_in_fp32 else x + residual
+        y = _rms(x, self.weight, self.eps)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        y = y.to(dtype)
+        return (y, x) if prenorm else y
+
+
+class FusedRMSNormGated(_FlaRMSNormGated):
+    """fla.modules.FusedRMSNormGated: RMSNorm(x) * act(g), with a PyTorch path off CUDA."""
+
+    def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):  # noqa: D102
+        if x.is_cuda:
+            return super().forward(x, g, residual, prenorm, residual_in_fp32)
+        if residual is not None:
+            x = x + residual
+        y = _rms(x, self.weight, self.eps)
+        gf = g.float()
+        y = y * (torch.sigmoid(gf) if self.activation == "sigmoid" else F.silu(gf))
+        y = y.to(x.dtype)
+        return (y, x) if prenorm else y
+
+
+class GatedMLP(_FlaGatedMLP):
+    """fla.modules.GatedMLP (SwiGLU), with a PyTorch path off CUDA."""
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: D102
+        if x.is_cuda:
+            return super().forward(x, **kwargs)
+        if self.hidden_act not in ("swish", "silu"):
+            raise NotImplementedError(f"CPU path supports hidden_act swish/silu, got {self.hidden_act}")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Rotary(nn.Module):
+    """Non-interleaved rotary embedding (GPT-NeoX halves) at explicit positions."""
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dim must be even, got {dim}")
+        self.dim, self.base = dim, float(base)
+        inv = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, D]; positions: [B, T] integer positions. Returns x rotated, in x.dtype."""
+        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim))
+        ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [B, T, D/2]
+        cos, sin = ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
