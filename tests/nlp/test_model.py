@@ -203,3 +203,30 @@ def test_mixing_clamp():
     assert bool((w[low] >= torch.tensor(1e-5)).all()) and bool((w[low] <= 1.0).all())
     assert bool((w[low] == torch.tensor(1e-5)).any()) and bool((w[low] == 1.0).any())
     assert float(w[~low].abs().max()) == 0.0
+
+
+def test_beam_search_cached_equals_uncached():
+    model = tiny_model()
+    ids = torch.randint(3, 100, (2, 10))
+    kw = dict(max_new_tokens=10, min_new_tokens=10, num_beams=3)
+    assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_cached_continuation_rejects_padding():
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(torch.randint(3, 100, (2, 5)), cache=Cache(), use_cache=True).cache
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[0, -1] = 0
+        with pytest.raises(ValueError, match="left padding"):
+            model(torch.randint(3, 100, (2, 2)), attention_mask=mask, cache=cache, use_cache=True)
+
+
+def test_chunked_continuation_equals_full_forward():
+    model = tiny_model()
+    ids = torch.randint(3, 100, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :11], cache=Cache(), use_cache=True)
+        rest = model(ids[:, 11:], cache=out.cache, use_cache=True).logits  # chunk_mhla from a state
+    torch.testing.assert_close(torch.cat([out.logits, rest], 1), full, atol=ATOL, rtol=1e-4)
