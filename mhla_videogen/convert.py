@@ -89,12 +89,19 @@ def from_wan(
         {**wan_config(wan.config), "mhla_layers": layers, "block_layout": list(block_layout),
          "mhla_gated": gated, "mixing_init": mixing_init}
     )
-    model.to(device=ref.device, dtype=torch_dtype or ref.dtype)
+    _move(model, ref.device, torch_dtype or ref.dtype)
     expected = model.mhla_state_keys()
     missing = load_strict(model, src, allow_missing=expected)
     if set(missing) != expected:
         raise ConversionError(f"the Wan checkpoint already has MHLA keys: {sorted(expected - set(missing))}")
     return model
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cpu":
+        model.to(device)
+    if dtype != torch.float32:  # a fresh model is fp32; only cast (and let diffusers warn) when needed
+        model.to(dtype)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -207,8 +214,7 @@ def convert_released(
         {**cfg, "mhla_layers": found, "block_layout": list(block_layout), "mhla_gated": gated,
          "mixing_init": "reference"}
     )
-    ref = sd["patch_embedding.weight"]
-    model.to(dtype=ref.dtype)
+    _move(model, torch.device("cpu"), sd["patch_embedding.weight"].dtype)
     load_strict(model, sd)
     return model
 
