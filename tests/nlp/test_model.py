@@ -230,3 +230,15 @@ def test_chunked_continuation_equals_full_forward():
         out = model(ids[:, :11], cache=Cache(), use_cache=True)
         rest = model(ids[:, 11:], cache=out.cache, use_cache=True).logits  # chunk_mhla from a state
     torch.testing.assert_close(torch.cat([out.logits, rest], 1), full, atol=ATOL, rtol=1e-4)
+
+
+def test_gradient_checkpointing_with_packed_input():
+    model = tiny_model().train()
+    ids = torch.randint(3, 100, (1, 30))
+    cu = torch.tensor([0, 10, 30])
+    model(ids, labels=ids, cu_seqlens=cu).loss.backward()
+    ref = model.model.layers[0].attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids, cu_seqlens=cu).loss.backward()
+    torch.testing.assert_close(model.model.layers[0].attn.q_proj.weight.grad, ref)
