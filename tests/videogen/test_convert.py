@@ -177,3 +177,12 @@ def test_convert_cli(tmp_path, capsys):
     assert "error: --layers 'full' means layers [0, 1, 2]" in capsys.readouterr().err
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "model.pt")
     assert main(["--src", str(tmp_path / "model.pt"), "--dst", str(tmp_path / "out2"), *layout]) == 0
+
+
+def test_convert_keeps_bf16_and_gating_from_keys():
+    sd, mapping = authors_state_dict([1, 2], gated=False)
+    sd = {k: v.bfloat16() for k, v in sd.items()}
+    model = convert_released(dict(sd), block_layout=BLOCKS)
+    assert not model.config.mhla_gated and model.blocks[1].attn1.g is None
+    own = model.state_dict()
+    assert all(own[name].dtype == torch.bfloat16 and torch.equal(own[name], sd[orig]) for orig, name in mapping.items())
