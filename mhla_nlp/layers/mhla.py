@@ -95,6 +95,11 @@ class MHLAAttention(nn.Module):
         lo, hi = self.mixing_clamp
         self.mixing_matrix.clamp_(lo, hi).tril_()
 
+    def _empty_state(self, batch: int, v: torch.Tensor) -> MHLAState:
+        return MHLAState.zeros(
+            batch, self.num_heads, self.max_chunks, self.head_k_dim, self.head_v_dim, self.chunk_size, device=v.device
+        )
+
     def _check_length(self, end: int) -> None:
         if end > self.max_length:
             raise ValueError(
@@ -128,7 +133,7 @@ class MHLAAttention(nn.Module):
         padded = attention_mask is not None and not bool(attention_mask.all())
         ar = torch.arange(T, device=dev)
 
-        indices = None
+        indices, empty_rows = None, []
         x = hidden_states
         if state is not None:
             if cu_seqlens is not None or padded:
@@ -149,7 +154,8 @@ class MHLAAttention(nn.Module):
             lengths = mask.sum(1)
             self._check_length(int(lengths.max()))
             indices = mask.flatten().nonzero().squeeze(1)
-            cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            empty_rows = [i for i, n in enumerate(lengths.tolist()) if n == 0]  # documents need >= 1 token
+            cu_seqlens = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
             positions = (mask.cumsum(1) - 1).flatten()[indices][None]
             x = hidden_states.flatten(0, 1)[indices][None]
         elif cu_seqlens is not None:
@@ -173,6 +179,8 @@ class MHLAAttention(nn.Module):
         common = dict(chunk_size=self.chunk_size, initial_state=state, output_final_state=want_state)
         if state is not None and T == 1:
             o, new_state = fused_recurrent_mhla(q, k, v, self.mixing_matrix, **common)
+        elif x.shape[1] == 0:  # every row is padding
+            o, new_state = v.new_zeros(*v.shape), (self._empty_state(B, v) if want_state else None)
         else:
             o, new_state = chunk_mhla(
                 q, k, v, self.mixing_matrix, cu_seqlens=cu_seqlens, backend=self.backend, **common
@@ -185,6 +193,11 @@ class MHLAAttention(nn.Module):
             out = o.new_zeros(B * T, o.shape[-1])
             out[indices] = o[0]
             o = out.view(B, T, -1)
+        if want_state and empty_rows and x.shape[1] > 0:
+            rows = [new_state.select(i) for i in range(new_state.batch_size)]
+            for i in empty_rows:
+                rows.insert(i, self._empty_state(1, v))
+            new_state = MHLAState.cat(rows)
         if want_state:
             past_key_values.update(recurrent_state=new_state, layer_idx=self.layer_idx, offset=T)
         return o, None, past_key_values

@@ -242,3 +242,20 @@ def test_gradient_checkpointing_with_packed_input():
     model.gradient_checkpointing_enable()
     model(ids, labels=ids, cu_seqlens=cu).loss.backward()
     torch.testing.assert_close(model.model.layers[0].attn.q_proj.weight.grad, ref)
+
+
+def test_row_of_only_padding():
+    model = tiny_model()
+    ids = torch.randint(3, 100, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, cache=Cache(), use_cache=True)
+        assert out.cache[0]["recurrent_state"].offsets == (12, 0, 12)
+        torch.testing.assert_close(out.logits[2], model(ids[2:3]).logits[0], atol=ATOL, rtol=1e-4)
+        nxt = torch.randint(3, 100, (3, 1))
+        step = model(nxt, attention_mask=torch.ones(3, 13, dtype=torch.long), cache=out.cache, use_cache=True)
+        torch.testing.assert_close(step.logits[1], model(nxt[1:2]).logits[0], atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(
+            step.logits[0], model(torch.cat([ids[0], nxt[0]])[None]).logits[0, -1:], atol=ATOL, rtol=1e-4
+        )
