@@ -137,9 +137,13 @@ class MHLAModel(MHLAPreTrainedModel):
         past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
-        """Hidden states of `input_ids` (or `inputs_embeds`); `cu_seqlens` for packed documents (batch 1)."""
+        """Hidden states of `input_ids` (or `inputs_embeds`); `cu_seqlens` for packed documents (batch 1).
+
+        States are kept when `use_cache=True` (as `generate` passes) or when a `cache` is given.
+        """
         cache = cache if cache is not None else past_key_values
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache is None:  # states are large ([B, H, L, Dk, Dv] per layer): keep them only when asked
+            use_cache = cache is not None and self.config.use_cache and not self.training
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
