@@ -121,3 +121,19 @@ def test_half_inputs():
                         chunk_size=16, backend="torch")
     assert out.dtype == torch.bfloat16
     assert _rel(out.double(), ref) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_packed_document(backend):
+    q, k, v = _inputs(1, 12, 2, 16, 16, seed=21)
+    W = _mixing(3)
+    if backend == "triton":  # CUDA where present, else the interpreter (tests/conftest.py)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        q, k, v, W = (t.float().to(dev) for t in (q, k, v, W))
+    cu = torch.tensor([0, 5, 5, 12], device=q.device)  # the middle document is empty
+    out, state = chunk_mhla(q, k, v, W, chunk_size=4, cu_seqlens=cu, output_final_state=True, backend=backend)
+    ref, _ = chunk_mhla(q, k, v, W, chunk_size=4, cu_seqlens=torch.tensor([0, 5, 12], device=q.device),
+                        backend=backend)
+    assert out.shape == q.shape[:3] + (16,) and state.offsets == (5, 0, 7)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert state.partial[1].abs().max() == 0 and state.chunk_states[1].abs().max() == 0

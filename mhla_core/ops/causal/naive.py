@@ -29,6 +29,8 @@ def _chunk_group(
     Dv = v.shape[-1]
     L = W.shape[-1]
     off = state.offsets[0]
+    if T == 0:  # an empty document: no output, the state passes through
+        return v.new_zeros(B, 0, H, Dv), state
     i0, p = divmod(off, C)
     check_length(off + T, C, L)
     n = math.ceil((p + T) / C)  # chunks touched by this call, the first possibly partial
