@@ -19,11 +19,12 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from mhla_core import causal_mixing_init, chunk_mhla, mhla
+from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla, mhla
 from mhla_core.ops.causal import chunk_mhla_triton
 from mhla_core.ops.noncausal import mhla_triton
 
@@ -170,6 +171,55 @@ def causal_rows(shapes, device, dtype, timer) -> list[dict]:
     return rows
 
 
+# (name, B, H, prefill T, Dk, Dv, chunk, decoded tokens)
+DECODE_CUDA = [("B8 after 2K", 8, 4, 2048, 128, 256, 64, 64)]
+DECODE_CPU = [("B2 after 256", 2, 2, 256, 32, 32, 64, 16)]
+
+
+def _mhla_decode(q, k, v, W, C, state, start) -> None:
+    for t in range(start, q.shape[1]):
+        _, state = fused_recurrent_mhla(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], W, chunk_size=C,
+                                        initial_state=state, output_final_state=True)
+
+
+def _fla_decode(fn, q, k, v, state, start) -> None:
+    for t in range(start, q.shape[1]):
+        _, state = fn(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], initial_state=state, output_final_state=True)
+
+
+def decode_rows(shapes, device, dtype, timer) -> list[dict]:
+    """Per-token decode time after a chunked prefill: MHLA's recurrent op vs fla's recurrent linear attention."""
+    try:
+        from fla.ops.linear_attn import fused_recurrent_linear_attn
+    except ImportError:
+        fused_recurrent_linear_attn = None
+    rows = []
+    for name, B, H, T, Dk, Dv, C, steps in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k = (torch.rand(B, T + steps, H, Dk, device=device, dtype=dtype, generator=g) for _ in range(2))
+        v = torch.randn(B, T + steps, H, Dv, device=device, dtype=dtype, generator=g)
+        W = causal_mixing_init(math.ceil((T + steps) / C)).to(device)
+        _, state = chunk_mhla(q[:, :T], k[:, :T], v[:, :T], W, chunk_size=C, output_final_state=True)
+
+        impls = {"MHLA fused_recurrent_mhla": partial(_mhla_decode, q, k, v, W, C, state, T)}
+        if fused_recurrent_linear_attn is not None and device.type == "cuda":
+            h0 = torch.zeros(B, H, Dk, Dv, device=device)
+            impls["fla fused_recurrent_linear_attn"] = partial(_fla_decode, fused_recurrent_linear_attn, q, k, v, h0, T)
+        for impl, fn in impls.items():
+            print(f"  {name:10s} {impl} ...", flush=True)
+            with torch.no_grad():
+                ms = timer(fn) / steps
+            rows.append(dict(shape=f"{name} (B={B}, H={H}, Dk={Dk}, Dv={Dv}, C={C})", impl=impl, ms_per_token=ms,
+                             tok_s=B / ms * 1e3))
+    return rows
+
+
+def decode_table(rows: list[dict]) -> str:
+    lines = ["| shape | implementation | ms per decode step | tokens/s (all sequences) |", "|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['impl']} | {r['ms_per_token']:.3f} | {r['tok_s']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -224,7 +274,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
-    ap.add_argument("--only", choices=["noncausal", "causal"], default=None)
+    ap.add_argument("--only", choices=["noncausal", "causal", "decode"], default=None)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--markdown", default=None, help="write the tables to this markdown file")
     ap.add_argument("--plot", default=None, help="write a log-log plot of forward time vs tokens")
@@ -242,6 +292,9 @@ def main() -> None:
     if args.only in (None, "causal"):
         sections.append(("Causal (chunked)", causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)))
     text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in sections)
+    if args.only in (None, "decode"):
+        rows = decode_rows(DECODE_CUDA if cuda else DECODE_CPU, device, dtype, timer)
+        text += f"\n\n### Decode (one token per sequence per step, after a chunked prefill)\n\n{decode_table(rows)}"
     print(f"\n{text}\n")
     if args.markdown:
         with open(args.markdown, "w") as f:
