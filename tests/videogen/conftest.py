@@ -27,3 +27,50 @@ def tiny_inputs(frames=4, height=8, width=12, batch=2, seed=0):
     t = torch.tensor([100, 700][:batch])
     e = torch.randn(batch, 5, TINY_WAN["text_dim"], generator=g)
     return x, t, e
+
+
+def tiny_text_parts(text_dim=16):
+    """A word-level tokenizer (built locally) and a tiny random UMT5 encoder with d_model = text_dim."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = "a cat dog surfing wave on the in red blue running field sky".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=len(vocab), d_model=text_dim, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return tokenizer, UMT5EncoderModel(cfg).eval()
+
+
+def tiny_vae(z_dim=4):
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True],
+                            latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim).eval()
+
+
+@pytest.fixture
+def tiny_pipeline_dir(tmp_path):
+    """A saved tiny WanPipeline (random weights, softmax transformer) and a saved tiny MHLA transformer."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from mhla_videogen.model import MHLAWanTransformer3DModel
+
+    tokenizer, text_encoder = tiny_text_parts(TINY_WAN["text_dim"])
+    torch.manual_seed(0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(TINY_WAN["in_channels"]),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=WanTransformer3DModel(**TINY_WAN))
+    pipe.save_pretrained(tmp_path / "wan")
+    MHLAWanTransformer3DModel(**TINY_WAN, mhla_layers="hybrid", block_layout=BLOCKS).save_pretrained(tmp_path / "mhla")
+    return tmp_path
