@@ -1,0 +1,290 @@
+"""Flow-matching fine-tuning of an MHLA Wan transformer on precomputed latents and text embeddings.
+
+    python -m mhla_videogen.train --config mhla_videogen/configs/wan_hybrid.yaml \\
+        --init-wan WAN_DIFFUSERS_DIR/transformer --data LATENT_DIR --output runs/wan_hybrid
+    torchrun --nproc_per_node 8 -m mhla_videogen.train --config ... (DDP)
+
+The model is `--init-mhla DIR` (an MHLA model folder) or built from the softmax `--init-wan DIR` with
+`--layers hybrid|full` (`from_wan`: every Wan weight reused, MHLA parameters from `--mixing-init`).
+LATENT_DIR comes from `python -m mhla_videogen.extract`.
+
+Objective (the authors'): x_t = (1 - s) x0 + s eps, target eps - x0, MSE, s = shift u / (1 + (shift - 1) u) with
+u = sigmoid(N(logit_mean, logit_std)) and shift = `--flow-shift` (3); the transformer sees timestep 1000 s.
+AdamW (lr 2e-5, eps 1e-10, wd 0), constant after `--warmup-steps` linear warm-up, gradient clipping 0.1, bf16
+autocast on CUDA, gradient checkpointing, caption dropout 0.1 to the empty-prompt embedding.
+
+Exact resume: every random draw of step `i` (batch order, noise, s, dropout) comes from generators seeded by
+(seed, step, rank), so `--resume` continues bit-for-bit. `{output}/last.safetensors` + `last_state.pt` are
+written atomically every `--checkpoint-every` steps and at the end, `{output}/final/` is a model folder for
+`python -m mhla_videogen.generate --transformer`. Metrics go to stdout and `{output}/log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
+from mhla_core.config import dump_yaml, parse_with_config
+
+MIXING_CONSTRAINTS = ("none", "clamp01")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mhla_videogen.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", default=None, help="YAML of argument defaults (the command line wins)")
+    a("--data", default=None, help="folder from python -m mhla_videogen.extract")
+    a("--output", default="runs/wan_mhla")
+    a("--init-wan", default=None, help="softmax Wan transformer folder (converted with from_wan)")
+    a("--init-mhla", default=None, help="MHLA transformer folder (continue fine-tuning)")
+    a("--layers", default="hybrid", help="hybrid | full (with --init-wan)")
+    a("--block-layout", type=int, nargs=3, default=[3, 5, 10])
+    a("--gated", action="store_true", help="add the output gate (the authors' committed code trains ungated)")
+    a("--mixing-init", default="distance", choices=["distance", "reference"])
+    a("--train-params", default="all", choices=["all", "mhla"], help="all parameters, or only the MHLA layers'")
+    a("--mixing-constraint", default="none", choices=MIXING_CONSTRAINTS, help="none (the authors) or clamp01")
+    a("--batch-size", type=int, default=4, help="per process")
+    a("--max-steps", type=int, default=10000)
+    a("--lr", type=float, default=2e-5)
+    a("--adam-eps", type=float, default=1e-10)
+    a("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-steps", type=int, default=1000)
+    a("--grad-clip", type=float, default=0.1)
+    a("--flow-shift", type=float, default=3.0)
+    a("--logit-mean", type=float, default=0.0)
+    a("--logit-std", type=float, default=1.0)
+    a("--caption-dropout", type=float, default=0.1)
+    a("--max-sequence-length", type=int, default=512, help="text embeddings are zero-padded to this length")
+    a("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16", "none"], help="autocast on CUDA")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    a("--seed", type=int, default=0)
+    a("--log-interval", type=int, default=10)
+    a("--checkpoint-every", type=int, default=500)
+    a("--resume", action="store_true", help="continue from {output}/last_state.pt")
+    a("--device", default=None)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class LatentDataset:
+    """The `{index}.safetensors` files of an extract folder: (latents [C, f, h, w], text [L, D])."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"latent folder {self.root} does not exist (run python -m mhla_videogen.extract)")
+        self.files = sorted(p for p in self.root.glob("*.safetensors") if p.stem.isdigit())
+        if not self.files:
+            raise FileNotFoundError(f"no samples in {self.root}")
+        if not (self.root / "empty.safetensors").is_file():
+            raise FileNotFoundError(f"{self.root}/empty.safetensors (the empty-prompt embedding) is missing")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        d = load_file(str(self.files[i]))
+        return d["latents"], d["text"]
+
+    def empty_text(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / "empty.safetensors"))["text"]
+
+
+def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:
+    """[L, D] -> [length, D], zero rows appended (WanPipeline's padding), truncated if longer."""
+    text = text[:length]
+    return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])])
+
+
+def batch_indices(step: int, batch: int, rank: int, world: int, n: int, seed: int) -> list[int]:
+    """Sample indices of (step, rank): a fresh permutation per epoch, seeded by (seed, epoch)."""
+    out = []
+    for j in range(batch):
+        flat = (step * world + rank) * batch + j
+        epoch, pos = divmod(flat, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shifted flow-matching noise level: s = shift u / (1 + (shift - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def make_batch(ds: LatentDataset, empty: torch.Tensor, step: int, args, rank: int, world: int):
+    """(x_t, timestep, text, target) for `step` on `rank`; every draw seeded by (seed, step, rank)."""
+    idx = batch_indices(step, args.batch_size, rank, world, len(ds), args.seed)
+    items = [ds[i] for i in idx]
+    x0 = torch.stack([lat.float() for lat, _ in items])
+    g = torch.Generator().manual_seed((args.seed * 7919 + step) * 4099 + rank)
+    drop = torch.rand(len(items), generator=g) < args.caption_dropout
+    text = torch.stack([pad_text(empty if d else t, args.max_sequence_length).float()
+                        for (_, t), d in zip(items, drop)])
+    eps = torch.randn(x0.shape, generator=g)
+    u = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(len(items), generator=g))
+    s = flow_sigmas(u, args.flow_shift)
+    sv = s.view(-1, 1, 1, 1, 1)
+    return (1 - sv) * x0 + sv * eps, s * 1000.0, text, eps - x0
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def build_model(args) -> nn.Module:
+    from mhla_videogen.model import MHLAWanTransformer3DModel
+
+    if bool(args.init_wan) == bool(args.init_mhla):
+        raise SystemExit("give exactly one of --init-wan (softmax Wan folder) or --init-mhla (MHLA folder)")
+    if args.init_mhla:
+        if not (Path(args.init_mhla) / "config.json").is_file():
+            raise SystemExit(f"--init-mhla {args.init_mhla} is not an MHLA model folder (config.json missing)")
+        return MHLAWanTransformer3DModel.from_pretrained(args.init_mhla, local_files_only=True, dtype=torch.float32)
+    from mhla_videogen.convert import from_wan
+
+    if not (Path(args.init_wan) / "config.json").is_file():
+        raise SystemExit(f"--init-wan {args.init_wan} is not a local transformer folder (config.json missing); "
+                         "fetch Wan-AI/Wan2.1-T2V-1.3B-Diffusers and pass its transformer/ folder")
+    return from_wan(args.init_wan, layers=args.layers, gated=args.gated, mixing_init=args.mixing_init,
+                    block_layout=tuple(args.block_layout), torch_dtype=torch.float32)
+
+
+def select_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """`all`, or `mhla`: every parameter of the MHLA attention modules (q/k/v/o, norms, g, g_norm, W)."""
+    if which == "all":
+        return [p for p in model.parameters()]
+    keep = {id(p) for attn in model.mhla_attentions.values() for p in attn.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def constrain_mixing(model: nn.Module, kind: str) -> None:
+    """The mixing constraint on every MHLA layer's W (`clamp01`), or nothing (`none`, the authors)."""
+    if kind == "clamp01":
+        for attn in unwrap(model).mhla_attentions.values():
+            attn.block_attn.conv.weight.clamp_(0.0, 1.0)
+
+
+def _distributed(args) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return rank, world, device
+
+
+def run(args: argparse.Namespace) -> dict:
+    rank, world, device = _distributed(args)
+    main = rank == 0
+    if args.data is None:
+        raise SystemExit("--data (a folder from python -m mhla_videogen.extract) is required")
+    ds = LatentDataset(args.data)
+    empty = ds.empty_text()
+    out = Path(args.output)
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = select_trainable(model, args.train_params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    step = 0
+    if args.resume:
+        if not (out / "last_state.pt").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
+        state = load_state(out / "last_state.pt")
+        load_weights(model, out / "last.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    amp = (torch.autocast("cuda", dtype=getattr(torch, args.amp_dtype))
+           if device.type == "cuda" and args.amp_dtype != "none" else nullcontext())
+    total = args.max_steps
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(vars(args), out / "config.yaml")
+        log = open(out / "log.jsonl", "a")
+        n_all = sum(p.numel() for p in unwrap(model).parameters())
+        n_train = sum(p.numel() for p in params)
+        print(f"MHLA Wan ({unwrap(model).config.mhla_layers} MHLA layers): {n_all / 1e6:.1f}M params, "
+              f"{n_train / 1e6:.1f}M trained, {len(ds)} clips, {total} steps x {args.batch_size} x {world}, "
+              f"device {device}", flush=True)
+
+    def checkpoint():
+        if main:
+            save_weights(model, out / "last.safetensors", {"step": str(step)})
+            save_state({"optimizer": optimizer.state_dict(), "step": step}, out / "last_state.pt")
+
+    metrics: dict = {}
+    t0, start = time.time(), step
+    model.train()
+    while step < total:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x_t, t, text, target = (v.to(device, non_blocking=True)
+                                for v in make_batch(ds, empty, step, args, rank, world))
+        with amp:
+            pred = model(hidden_states=x_t, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else torch.tensor(0.0)
+        optimizer.step()
+        constrain_mixing(model, args.mixing_constraint)
+        step += 1
+        if main and (step % args.log_interval == 0 or step == total):
+            rate = (step - start) / (time.time() - t0)
+            metrics = dict(step=step, loss=round(loss.item(), 6), grad_norm=round(float(grad_norm), 4), lr=lr,
+                           steps_per_s=round(rate, 4), clips_per_s=round(rate * args.batch_size * world, 3),
+                           eta_min=round((total - step) / max(rate, 1e-9) / 60, 1))
+            print(json.dumps(metrics), flush=True)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            checkpoint()
+    checkpoint()
+    if main:
+        unwrap(model).save_pretrained(out / "final")
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return {**metrics, "step": step, "model": unwrap(model)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_with_config(build_parser(), argv)
+    if math.isnan(args.lr) or args.batch_size < 1:
+        raise SystemExit("bad --lr or --batch-size")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""extract (VAE latents + text embeddings, resumable) and train (flow matching, exact resume) on tiny models."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mhla_videogen import extract, train
+
+from .conftest import BLOCKS
+
+CONFIGS = Path(__file__).resolve().parents[2] / "mhla_videogen" / "configs"
+
+
+@pytest.fixture
+def latents_dir(tiny_pipeline_dir):
+    data = tiny_pipeline_dir / "clips"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (t, h, w) in enumerate([(6, 70, 100), (5, 64, 96), (3, 64, 96), (9, 80, 90)]):
+        np.save(data / f"c{i}.npy", rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8))
+        rows.append({"video": f"c{i}.npy", "caption": ["a cat", "a red dog running", "sky", "the blue wave"][i]})
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tiny_pipeline_dir / "latents"
+    argv = ["--model", str(tiny_pipeline_dir / "wan"), "--data", str(data), "--out", str(out), "--height", "64",
+            "--width", "96", "--frames", "5", "--max-sequence-length", "8", "--device", "cpu"]
+    first = extract.main(argv)
+    assert first == dict(written=3, skipped_existing=0, too_short=1)  # clip 2 has 3 < 5 frames
+    assert extract.main(argv) == dict(written=0, skipped_existing=3, too_short=1)  # resumable: nothing redone
+    return out
+
+
+def test_extract_shapes(latents_dir):
+    d = load_file(str(latents_dir / "0000001.safetensors"))
+    assert d["latents"].shape == (4, 2, 8, 12)  # z_dim 4, 1 + (5 - 1) / 4 frames, /8 spatial
+    assert d["text"].shape[1] == 16 and 1 <= d["text"].shape[0] <= 8
+    assert load_file(str(latents_dir / "empty.safetensors"))["text"].shape[1] == 16
+    assert json.loads((latents_dir / "meta.json").read_text())["frames"] == 5
+
+
+def _args(tiny_pipeline_dir, latents_dir, out, *extra):
+    return ["--data", str(latents_dir), "--output", str(out),
+            "--init-wan", str(tiny_pipeline_dir / "wan" / "transformer"), "--layers", "hybrid",
+            "--block-layout", *map(str, BLOCKS), "--batch-size", "2", "--max-sequence-length", "8",
+            "--warmup-steps", "2", "--lr", "1e-3", "--log-interval", "1", "--device", "cpu", "--seed", "3", *extra]
+
+
+def test_train_resume_equals_straight(tiny_pipeline_dir, latents_dir):
+    base = tiny_pipeline_dir
+    straight = train.main(_args(base, latents_dir, base / "a", "--max-steps", "3"))
+    assert straight["step"] == 3 and np.isfinite(straight["loss"])
+    train.main(_args(base, latents_dir, base / "b", "--max-steps", "2"))
+    resumed = train.main(_args(base, latents_dir, base / "b", "--max-steps", "3", "--resume"))
+    a, b = load_file(str(base / "a" / "last.safetensors")), load_file(str(base / "b" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert resumed["loss"] == straight["loss"]
+    log = [json.loads(line) for line in (base / "b" / "log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log] == [1, 2, 3] and {"eta_min", "clips_per_s"} <= log[-1].keys()
+    # training moved the weights, and final/ is a model folder that loads
+    from mhla_videogen.model import MHLAWanTransformer3DModel
+
+    final = MHLAWanTransformer3DModel.from_pretrained(base / "a" / "final")
+    assert final.config.mhla_layers == [1, 2]
+    w0 = load_file(str(base / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(w0["blocks.0.ffn.net.0.proj.weight"], a["blocks.0.ffn.net.0.proj.weight"])
+
+
+def test_train_only_mhla_params(tiny_pipeline_dir, latents_dir):
+    base = tiny_pipeline_dir
+    train.main(_args(base, latents_dir, base / "m", "--max-steps", "1", "--train-params", "mhla",
+                     "--mixing-constraint", "clamp01", "--no-gradient-checkpointing"))
+    w = load_file(str(base / "m" / "last.safetensors"))
+    w0 = load_file(str(base / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(w0["blocks.0.ffn.net.0.proj.weight"], w["blocks.0.ffn.net.0.proj.weight"])
+    assert torch.equal(w0["blocks.1.ffn.net.0.proj.weight"], w["blocks.1.ffn.net.0.proj.weight"])
+    assert not torch.equal(w0["blocks.1.attn1.to_q.weight"], w["blocks.1.attn1.to_q.weight"])
+    mix = w["blocks.1.attn1.block_attn.conv.weight"]
+    assert mix.min() >= 0 and mix.max() <= 1
+
+
+def test_flow_sigmas_and_batches():
+    u = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(train.flow_sigmas(u, 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    # each epoch of a 1-process run visits every sample once
+    idx = [i for s in range(3) for i in train.batch_indices(s, 2, 0, 1, 6, seed=0)]
+    assert sorted(idx) == list(range(6))
+    # two ranks of one step draw different samples
+    assert set(train.batch_indices(0, 2, 0, 2, 8, 0)).isdisjoint(train.batch_indices(0, 2, 1, 2, 8, 0))
+
+
+@pytest.mark.parametrize("name, layers", [("wan_hybrid.yaml", "hybrid"), ("wan_full.yaml", "full")])
+def test_configs_parse(name, layers):
+    from mhla_core.config import parse_with_config
+
+    args = parse_with_config(train.build_parser(), ["--config", str(CONFIGS / name)])
+    assert args.layers == layers and args.lr == 2e-5 and args.adam_eps == 1e-10 and args.grad_clip == 0.1
+    assert args.warmup_steps == 1000 and args.caption_dropout == 0.1 and args.mixing_constraint == "none"
