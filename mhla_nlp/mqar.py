@@ -1,0 +1,264 @@
+"""MQAR (multi-query associative recall, Zoology): MHLA vs linear attention vs softmax vs GLA, 2-layer models.
+
+    python -m mhla_nlp.mqar --out runs/mqar            # full sweep (CUDA; ~10 min on one H200)
+    python -m mhla_nlp.mqar --tiny --out /tmp/mqar     # seconds on CPU (tests)
+
+The generator follows Zoology's `_mqar` (zoology/data/associative_recall.py): per example,
+`num_kv_pairs` distinct keys drawn from [1, V/2) and distinct values from [V/2, V), written as
+k1 v1 k2 v2 ... at the start; every key is then queried once, at position
+context + 2 * gap where the gaps are drawn without replacement from range((T - context) // 2) with
+p(i) proportional to a * (i + 1) ** (a - 1) (power law, a = 0.01); the label at a query position is
+its value, every other label is -100; the remaining zeros become uniform random tokens. Train data
+uses `seed`, test data `seed + 10`, as in Zoology. The numpy calls are made in Zoology's order on a
+`RandomState(seed)`, so keys, values and gaps equal Zoology's for the same seed; the filler tokens
+come from a seeded torch generator (Zoology uses torch's global RNG).
+
+Models (matched width d_model, 2 layers, 2 heads, fla's GatedMLP width for every model):
+- `mhla`: MHLA with chunk size T / 16 (16 chunks) and one mixing matrix per layer;
+- `linear`: the same layer with a single chunk (chunk size T, max_chunks 1: plain causal linear
+  attention with ReLU features, rotary and the output gate);
+- `softmax`: transformers' Llama with SDPA (Transformer++);
+- `gla`: fla's GLA (needs CUDA; skipped with a message on CPU).
+Each (model, d_model, T) is trained from scratch on its own data with kv pairs = T / 16 (Zoology's
+proportional setting) and scored by accuracy over the labelled positions of the test set. The best
+learning rate of `--lrs` is reported. Outputs in `--out`: results.jsonl, table.md, mqar.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+MODELS = ("mhla", "linear", "softmax", "gla")
+
+
+def mqar_data(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: int, seed: int,
+              power_a: float = 0.01, random_non_queries: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) [num_examples, seq_len] as Zoology's `_mqar` builds them (see the module docstring)."""
+    if seq_len % 2 or vocab_size <= seq_len or num_kv_pairs * 4 > seq_len:
+        raise ValueError(f"need an even seq_len < vocab_size and 4 * num_kv_pairs <= seq_len "
+                         f"(got T={seq_len}, V={vocab_size}, kv={num_kv_pairs})")
+    rs = np.random.RandomState(seed)
+    n, ctx = num_examples, 2 * num_kv_pairs
+    half = vocab_size // 2
+    keys = np.stack([rs.choice(np.arange(1, half), replace=False, size=num_kv_pairs) for _ in range(n)])
+    values = np.stack([rs.choice(np.arange(half, vocab_size), replace=False, size=num_kv_pairs) for _ in range(n)])
+    kvs = np.zeros((n, ctx), dtype=np.int64)
+    kvs[:, 0::2], kvs[:, 1::2] = keys, values
+    space = (seq_len - ctx) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    p = p / p.sum()
+    gaps = np.stack([rs.choice(np.arange(space), replace=False, p=p, size=num_kv_pairs) for _ in range(n)])
+    queries = np.zeros((n, seq_len - ctx + 1), dtype=np.int64)
+    np.put_along_axis(queries, gaps * 2, keys, axis=1)
+    examples = np.concatenate([kvs, queries], axis=1)
+    labels = np.full((n, seq_len + 1), -100, dtype=np.int64)
+    np.put_along_axis(labels, gaps * 2 + ctx + 1, values, axis=1)
+    inputs, labels = torch.from_numpy(examples[:, :-1]).clone(), torch.from_numpy(labels[:, 1:]).clone()
+    if random_non_queries:
+        fill = torch.randint(vocab_size, inputs.shape, generator=torch.Generator().manual_seed(seed))
+        inputs = torch.where(inputs == 0, fill, inputs)
+    return inputs, labels
+
+
+def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num_heads: int = 2) -> nn.Module:
+    inter = int(d_model * 4 * 2 / 3)
+    inter = 256 * ((inter + 255) // 256)  # fla GatedMLP's width for hidden_ratio 4
+    if name in ("mhla", "linear"):
+        from mhla_nlp import MHLAConfig, MHLAForCausalLM
+
+        chunk = max(1, seq_len // 16) if name == "mhla" else seq_len
+        return MHLAForCausalLM(MHLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
+                                          vocab_size=vocab_size, chunk_size=chunk, max_chunks=seq_len // chunk,
+                                          tie_word_embeddings=False, fuse_cross_entropy=False))
+    if name == "softmax":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(hidden_size=d_model, num_hidden_layers=2, num_attention_heads=num_heads,
+                                            num_key_value_heads=num_heads, intermediate_size=inter,
+                                            vocab_size=vocab_size, max_position_embeddings=seq_len,
+                                            rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                            attn_implementation="sdpa"))
+    if name == "gla":
+        from fla.models import GLAConfig, GLAForCausalLM
+
+        return GLAForCausalLM(GLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
+                                        vocab_size=vocab_size, use_short_conv=False, tie_word_embeddings=False,
+                                        fuse_cross_entropy=False))
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def _logits(model, x):
+    return model(input_ids=x, use_cache=False).logits
+
+
+@torch.no_grad()
+def accuracy(model, inputs, labels, batch_size: int, device, amp) -> float:
+    model.eval()
+    right = total = 0
+    for b in range(0, len(inputs), batch_size):
+        x, y = inputs[b: b + batch_size].to(device), labels[b: b + batch_size].to(device)
+        with amp:
+            pred = _logits(model, x).argmax(-1)
+        mask = y != -100
+        right += int((pred[mask] == y[mask]).sum())
+        total += int(mask.sum())
+    model.train()
+    return right / max(total, 1)
+
+
+def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
+    (xtr, ytr), (xte, yte) = data
+    torch.manual_seed(args.seed)
+    model = build_mqar_model(name, d_model, seq_len, args.vocab_size).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    steps = args.epochs * math.ceil(len(xtr) / args.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    gen = torch.Generator().manual_seed(args.seed)
+    t0, step = time.time(), 0
+    model.train()
+    for _ in range(args.epochs):
+        perm = torch.randperm(len(xtr), generator=gen)
+        for b in range(0, len(xtr), args.batch_size):
+            idx = perm[b: b + args.batch_size]
+            x, y = xtr[idx].to(device), ytr[idx].to(device)
+            with amp:
+                logits = _logits(model, x)
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if hasattr(model, "constrain_mixing"):
+                model.constrain_mixing()
+            step += 1
+    acc = accuracy(model, xte, yte, args.batch_size, device, amp)
+    return dict(model=name, d_model=d_model, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 16), lr=lr, steps=step,
+                loss=round(loss.item(), 4), accuracy=round(acc, 4),
+                chunk_size=(seq_len // 16 if name == "mhla" else seq_len) if name in ("mhla", "linear") else None,
+                params=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--out", required=True)
+    a("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    a("--d-models", nargs="+", type=int, default=[64, 128, 256])
+    a("--seq-lens", nargs="+", type=int, default=[64, 128, 256, 512])
+    a("--vocab-size", type=int, default=8192)
+    a("--train-examples", type=int, default=20000)
+    a("--test-examples", type=int, default=1000)
+    a("--epochs", type=int, default=4)
+    a("--batch-size", type=int, default=128)
+    a("--lrs", nargs="+", type=float, default=[1e-3])
+    a("--power-a", type=float, default=0.01)
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--tiny", action="store_true", help="CPU smoke run: d 16, T 32, vocab 64, 64 examples, 2 epochs")
+    return p
+
+
+def write_svg(rows: list[dict], path: Path) -> None:
+    """Accuracy vs sequence length, one panel per d_model, one line per model (no plotting dependency)."""
+    ds = sorted({r["d_model"] for r in rows})
+    Ts = sorted({r["seq_len"] for r in rows})
+    models = [m for m in MODELS if any(r["model"] == m for r in rows)]
+    colors = dict(mhla="#d62728", linear="#1f77b4", softmax="#2ca02c", gla="#9467bd")
+    W, H, pad = 260, 200, 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W * len(ds)}" height="{H + 30}" '
+             f'font-family="sans-serif" font-size="11">']
+    for i, d in enumerate(ds):
+        ox = i * W
+
+        def xy(t, acc, ox=ox):
+            fx = Ts.index(t) / max(len(Ts) - 1, 1)
+            return ox + pad + fx * (W - 2 * pad), 10 + (1 - acc) * (H - pad)
+
+        parts.append(f'<rect x="{ox + pad}" y="10" width="{W - 2 * pad}" height="{H - pad}" '
+                     'fill="none" stroke="#999"/>')
+        parts.append(f'<text x="{ox + W / 2}" y="{H + 5}" text-anchor="middle">d_model {d} (x: T = {Ts})</text>')
+        for yv in (0, 0.5, 1):
+            parts.append(f'<text x="{ox + pad - 4}" y="{xy(Ts[0], yv)[1] + 4}" text-anchor="end">{yv}</text>')
+        for m in models:
+            pts = [xy(r["seq_len"], r["accuracy"]) for r in sorted(rows, key=lambda r: r["seq_len"])
+                   if r["model"] == m and r["d_model"] == d]
+            if pts:
+                parts.append(f'<polyline fill="none" stroke="{colors[m]}" stroke-width="2" points="'
+                             + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+    for j, m in enumerate(models):
+        parts.append(f'<text x="{10 + 80 * j}" y="{H + 24}" fill="{colors[m]}">{m}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def write_table(rows: list[dict], path: Path) -> str:
+    Ts = sorted({r["seq_len"] for r in rows})
+    lines = ["| model | d_model | " + " | ".join(f"T={t} (kv {max(1, t // 16)})" for t in Ts) + " |",
+             "|---|---|" + "---|" * len(Ts)]
+    for m in MODELS:
+        for d in sorted({r["d_model"] for r in rows}):
+            accs = {r["seq_len"]: r["accuracy"] for r in rows if r["model"] == m and r["d_model"] == d}
+            if accs:
+                lines.append(f"| {m} | {d} | " + " | ".join(f"{accs[t]:.3f}" if t in accs else "-" for t in Ts) + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.tiny:
+        args.d_models, args.seq_lens, args.vocab_size = [16], [32], 64
+        args.train_examples, args.test_examples, args.epochs, args.batch_size = 64, 32, 2, 32
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [m for m in args.models if m != "gla" or device.type == "cuda"]
+    if "gla" in args.models and "gla" not in models:
+        print("gla: skipped (fla's GLA kernels need CUDA)", flush=True)
+    rows, t0 = [], time.time()
+    todo = len(models) * len(args.d_models) * len(args.seq_lens) * len(args.lrs)
+    done = 0
+    log = open(out / "results.jsonl", "w")
+    for T in args.seq_lens:
+        kv = max(1, T // 16)
+        data = (mqar_data(args.vocab_size, args.train_examples, T, kv, args.seed, args.power_a),
+                mqar_data(args.vocab_size, args.test_examples, T, kv, args.seed + 10, args.power_a))
+        for d in args.d_models:
+            for m in models:
+                best = None
+                for lr in args.lrs:
+                    r = train_one(m, d, T, lr, args, device, data)
+                    done += 1
+                    el = time.time() - t0
+                    eta = round(el / done * (todo - done) / 60, 1)
+                    print(json.dumps({**r, "done": f"{done}/{todo}", "eta_min": eta}), flush=True)
+                    log.write(json.dumps(r) + "\n")
+                    log.flush()
+                    if best is None or r["accuracy"] > best["accuracy"]:
+                        best = r
+                rows.append(best)
+    log.close()
+    (out / "best.json").write_text(json.dumps(rows, indent=1))
+    print(write_table(rows, out / "table.md"), flush=True)
+    write_svg(rows, out / "mqar.svg")
+    print(f"wrote {out}/table.md, {out}/mqar.svg, {out}/results.jsonl in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
