@@ -1,0 +1,23 @@
+"""scripts/bench_wan_latency.py --tiny --cpu writes a table with the three models."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_wan_latency.py"
+
+
+def test_bench_tiny_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_wan_latency", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    md = tmp_path / "bench.md"
+    rows = bench.main(["--tiny", "--cpu", "--markdown", str(md)])
+    assert [r["model"] for r in rows] == ["softmax", "hybrid", "full"]
+    assert [r["mhla_layers"] for r in rows] == [0, 2, 3]
+    assert rows[0]["speedup"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
+    text = md.read_text()
+    assert "| softmax | 0 |" in text and "| full | 3 |" in text and "torch " in text and "(48 tokens)" in text
+    # the 1.3B config has the issue's shape facts
+    cfg = bench.WAN_1_3B
+    dims = (cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"])
+    assert dims == (1536, 8960, 30)
