@@ -260,9 +260,14 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.step()
         constrain_mixing(model, args.mixing_constraint)
         step += 1
-        if main and (step % args.log_interval == 0 or step == total):
+        log_now = step % args.log_interval == 0 or step == total
+        loss_mean = loss.detach().clone()
+        if world > 1 and log_now:  # every rank takes part; rank 0 logs the mean over ranks
+            dist.all_reduce(loss_mean, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
+            loss_mean = loss_mean if device.type == "cuda" else loss_mean / world
+        if main and log_now:
             rate = (step - start) / (time.time() - t0)
-            metrics = dict(step=step, loss=round(loss.item(), 6), grad_norm=round(float(grad_norm), 4), lr=lr,
+            metrics = dict(step=step, loss=round(loss_mean.item(), 6), grad_norm=round(float(grad_norm), 4), lr=lr,
                            steps_per_s=round(rate, 4), clips_per_s=round(rate * args.batch_size * world, 3),
                            eta_min=round((total - step) / max(rate, 1e-9) / 60, 1))
             print(json.dumps(metrics), flush=True)

@@ -61,6 +61,11 @@ def tiny_vae(z_dim=4):
 @pytest.fixture
 def tiny_pipeline_dir(tmp_path):
     """A saved tiny WanPipeline (random weights, softmax transformer) and a saved tiny MHLA transformer."""
+    return make_tiny_pipeline(tmp_path)
+
+
+def make_tiny_pipeline(tmp_path):
+    """Save a tiny random WanPipeline to tmp_path / "wan" and a tiny MHLA transformer to tmp_path / "mhla"."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 

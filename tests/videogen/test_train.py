@@ -10,12 +10,17 @@ from safetensors.torch import load_file
 
 from mhla_videogen import extract, train
 
-from .conftest import BLOCKS
+from .conftest import BLOCKS, make_tiny_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[2] / "mhla_videogen" / "configs"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):  # shared by this module's tests (they write to separate sub-folders)
+    return make_tiny_pipeline(tmp_path_factory.mktemp("videogen_train"))
+
+
+@pytest.fixture(scope="module")
 def latents_dir(tiny_pipeline_dir):
     data = tiny_pipeline_dir / "clips"
     data.mkdir()
@@ -101,3 +106,21 @@ def test_configs_parse(name, layers):
     args = parse_with_config(train.build_parser(), ["--config", str(CONFIGS / name)])
     assert args.layers == layers and args.lr == 2e-5 and args.adam_eps == 1e-10 and args.grad_clip == 0.1
     assert args.warmup_steps == 1000 and args.caption_dropout == 0.1 and args.mixing_constraint == "none"
+
+
+def test_train_ddp_two_processes(tiny_pipeline_dir, latents_dir):
+    """torchrun with 2 CPU processes (gloo): both ranks step in lockstep and rank 0 writes the checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    out = tiny_pipeline_dir / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "mhla_videogen.train", *_args(tiny_pipeline_dir, latents_dir, out, "--max-steps", "2")]
+    cmd[cmd.index("--batch-size") + 1] = "1"
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=CONFIGS.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log] == [1, 2] and "2 steps x 1 x 2" in proc.stdout
+    assert (out / "last.safetensors").is_file() and (out / "final" / "config.json").is_file()
