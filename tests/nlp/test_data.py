@@ -51,3 +51,18 @@ def test_prepare_text_and_saved_dataset(tmp_path):
           "--seq-len", "5", "--no-bos"])
     ds = datasets.load_from_disk(str(tmp_path / "o2"))
     assert ds[0]["input_ids"] == [4, 5, 7, 2, 4] and ds[0]["cu_seqlens"] == [0, 4, 5]
+
+
+def test_stdlib_corpus(tmp_path):
+    import json
+
+    from mhla_nlp.corpus import main as corpus
+
+    meta = corpus(["--out", str(tmp_path), "--max-modules", "5", "--vocab-size", "300", "--val-every", "4"])
+    lines = [json.loads(x) for x in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert len(lines) == meta["documents"] and meta["val_docs"] > 0 and meta["train_docs"] > 0
+    assert any(d["name"].startswith("topic:") for d in lines) and any(d["name"].startswith("module:") for d in lines)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    assert tok.bos_token_id == 1 and tok.eos_token_id == 2
+    text = "Return the number of items."
+    assert tok.decode(tok(text)["input_ids"]) == text
