@@ -14,13 +14,15 @@ LATENT_DIR gets one `{index:07d}.safetensors` per clip with `latents` [16, 1 + (
 `text` [L, 4096] (UMT5 embedding of the caption, trimmed to its tokens; the trainer zero-pads to
 `max_sequence_length` as WanPipeline does), plus `empty.safetensors` (the empty prompt, for caption dropout)
 and `meta.json`. Files are written atomically and existing ones are skipped, so a killed run resumes; `--rank` /
-`--world` split the clips between processes (e.g. one per GPU).
+`--world` (default: torchrun's RANK / WORLD_SIZE) split the clips between processes, one per GPU:
+`torchrun --nproc_per_node 8 -m mhla_videogen.extract ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frame-stride", type=int, default=1)
     a("--max-sequence-length", type=int, default=512)
     a("--device", default=None)
-    a("--rank", type=int, default=0)
-    a("--world", type=int, default=1)
+    a("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="default: $RANK (torchrun)")
+    a("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE (torchrun)")
     return p
 
 
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     except MissingWeights as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
+                                          else "cpu"))
     vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", dtype=torch.float32, local_files_only=True)
     pipe = WanPipeline.from_pretrained(model, vae=vae, transformer=None, local_files_only=True).to(device)
     out.mkdir(parents=True, exist_ok=True)

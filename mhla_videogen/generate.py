@@ -3,7 +3,8 @@
     python -m mhla_videogen.generate --model WAN_DIFFUSERS_DIR --transformer MHLA_DIR \\
         --prompt "a cat surfing a wave" [--prompts-file FILE] --out-dir videos/ \\
         [--height 480 --width 800 --frames 81 --steps 50 --cfg 3.0 --flow-shift 3.0 --seed 0] \\
-        [--scheduler unipc|dpm|euler] [--offload]
+        [--scheduler unipc|dpm|euler] [--offload] [--skip-existing]
+    torchrun --nproc_per_node 8 -m mhla_videogen.generate ...   # prompts split over GPUs (i % world == rank)
 
 `--model` is a local copy of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (tokenizer, text_encoder, vae, scheduler,
 optionally transformer); `--transformer` is an MHLA model folder (`python -m mhla_videogen.convert` or a training
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--offload", action="store_true", help="model CPU offload (enable_model_cpu_offload) for small GPUs")
     a("--max-sequence-length", type=int, default=512)
+    a("--skip-existing", action="store_true", help="skip prompts whose output already exists (resume a prompt set)")
+    a("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process takes prompts i %% world == rank")
+    a("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE (torchrun)")
     return p
 
 
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = read_prompts(args.prompt, args.prompts_file)
     if (args.frames - 1) % 4:
         raise SystemExit(f"--frames must be 4k + 1 (Wan's VAE), got {args.frames}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
+                                          else "cpu"))
     try:
         pipe = build_pipeline(args.model, args.transformer, args.scheduler, args.flow_shift, getattr(torch, args.dtype))
     except MissingWeights as e:
@@ -195,18 +201,24 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    log_name = "generations.jsonl" if args.world == 1 else f"generations_rank{args.rank}.jsonl"
     for i, prompt in enumerate(prompts):
+        if i % args.world != args.rank:
+            continue
+        stem = out_dir / f"{i:04d}_{slug(prompt)}"
+        if args.skip_existing and (stem.with_suffix(".mp4").is_file() or (stem / "0000.png").is_file()):
+            continue
         t0 = time.time()
         gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
         result = pipe(prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg,
                       generator=gen, max_sequence_length=args.max_sequence_length, output_type="np")
-        path = save_video(result.frames[0], out_dir / f"{i:04d}_{slug(prompt)}", args.fps)
+        path = save_video(result.frames[0], stem, args.fps)
         secs = time.time() - t0
         meta = dict(index=i, prompt=prompt, seed=args.seed + i, path=str(path), seconds=round(secs, 2),
                     steps=args.steps, cfg=args.cfg, flow_shift=args.flow_shift, scheduler=args.scheduler,
                     size=[args.frames, args.height, args.width], transformer=args.transformer or "softmax")
-        with open(out_dir / "generations.jsonl", "a") as f:
+        with open(out_dir / log_name, "a") as f:
             f.write(json.dumps(meta) + "\n")
         print(f"[{i + 1}/{len(prompts)}] {path} ({secs:.1f} s)", flush=True)
         written.append(path)

@@ -59,3 +59,13 @@ def test_missing_weights_are_clear_errors(tmp_path, tiny_pipeline_dir, capsys):
     assert e.value.code == 2 and "lacks vae" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no prompts"):
         main(["--model", str(tiny_pipeline_dir / "wan")])
+
+
+def test_generate_shards_and_skips(tiny_pipeline_dir):
+    out = tiny_pipeline_dir / "sharded"
+    base = ["--model", str(tiny_pipeline_dir / "wan"), "--transformer", str(tiny_pipeline_dir / "mhla"),
+            "--prompt", "a cat", "--prompt", "a dog", "--prompt", "sky", "--out-dir", str(out), "--height", "32",
+            "--width", "48", "--frames", "5", "--steps", "1", "--dtype", "float32", "--device", "cpu",
+            "--max-sequence-length", "8", "--skip-existing"]
+    assert [p.name.split("_")[0] for p in main([*base, "--rank", "1", "--world", "2"])] == ["0001"]
+    assert [p.name.split("_")[0] for p in main([*base, "--rank", "0", "--world", "1"])] == ["0000", "0002"]
