@@ -191,7 +191,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except MissingWeights as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    blocks = getattr(pipe.transformer.config, "block_layout", None)
+    grid = (1 + (args.frames - 1) // 4, args.height // 16, args.width // 16)
+    if blocks is not None and any(b > g for b, g in zip(blocks, grid)):
+        raise SystemExit(f"{args.frames}x{args.height}x{args.width} gives a token grid {grid} smaller than the MHLA "
+                         f"block layout {tuple(blocks)}: use a larger video")
     if args.offload:
+        if device.type != "cuda":
+            raise SystemExit("--offload moves models between the CPU and a GPU: it needs CUDA")
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)

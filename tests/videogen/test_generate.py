@@ -69,3 +69,10 @@ def test_generate_shards_and_skips(tiny_pipeline_dir):
             "--max-sequence-length", "8", "--skip-existing"]
     assert [p.name.split("_")[0] for p in main([*base, "--rank", "1", "--world", "2"])] == ["0001"]
     assert [p.name.split("_")[0] for p in main([*base, "--rank", "0", "--world", "1"])] == ["0000", "0002"]
+
+
+def test_generate_refuses_grid_smaller_than_blocks(tiny_pipeline_dir):
+    with pytest.raises(SystemExit, match="smaller than the MHLA block layout"):
+        main(["--model", str(tiny_pipeline_dir / "wan"), "--transformer", str(tiny_pipeline_dir / "mhla"),
+              "--prompt", "a cat", "--height", "16", "--width", "48", "--frames", "5", "--device", "cpu",
+              "--dtype", "float32"])
