@@ -15,8 +15,9 @@ come from a seeded torch generator (Zoology uses torch's global RNG).
 
 Models (matched width d_model, 2 layers, 2 heads, fla's GatedMLP width for every model):
 - `mhla`: MHLA with chunk size T / 16 (16 chunks) and one mixing matrix per layer;
-- `linear`: the same layer with a single chunk (chunk size T, max_chunks 1: plain causal linear
-  attention with ReLU features, rotary and the output gate);
+- `linear`: the same layer with every mixing weight fixed to 1 (frozen): plain causal linear
+  attention with ReLU features, rotary and the output gate (mathematically the layer with one chunk;
+  the chunking is kept because the Triton kernels hold a chunk x chunk tile, too big for one chunk of T);
 - `softmax`: transformers' Llama with SDPA (Transformer++);
 - `gla`: fla's GLA (needs CUDA; skipped with a message on CPU).
 Each (model, d_model, T) is trained from scratch on its own data with kv pairs = T / 16 (Zoology's
@@ -75,11 +76,13 @@ def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num
     inter = 256 * ((inter + 255) // 256)  # fla GatedMLP's width for hidden_ratio 4
     if name in ("mhla", "linear"):
         from mhla_nlp import MHLAConfig, MHLAForCausalLM
+        from mhla_nlp.train import freeze_linear_mixing
 
-        chunk = max(1, seq_len // 16) if name == "mhla" else seq_len
-        return MHLAForCausalLM(MHLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
-                                          vocab_size=vocab_size, chunk_size=chunk, max_chunks=seq_len // chunk,
-                                          tie_word_embeddings=False, fuse_cross_entropy=False))
+        chunk = max(1, seq_len // 16)
+        model = MHLAForCausalLM(MHLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
+                                           vocab_size=vocab_size, chunk_size=chunk, max_chunks=seq_len // chunk,
+                                           tie_word_embeddings=False, fuse_cross_entropy=False))
+        return freeze_linear_mixing(model) if name == "linear" else model
     if name == "softmax":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,7 +123,8 @@ def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
     (xtr, ytr), (xte, yte) = data
     torch.manual_seed(args.seed)
     model = build_mqar_model(name, d_model, seq_len, args.vocab_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     steps = args.epochs * math.ceil(len(xtr) / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -145,7 +149,7 @@ def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
     acc = accuracy(model, xte, yte, args.batch_size, device, amp)
     return dict(model=name, d_model=d_model, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 16), lr=lr, steps=step,
                 loss=round(loss.item(), 4), accuracy=round(acc, 4),
-                chunk_size=(seq_len // 16 if name == "mhla" else seq_len) if name in ("mhla", "linear") else None,
+                chunk_size=max(1, seq_len // 16) if name in ("mhla", "linear") else None,
                 params=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1))
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 from mhla_core.checkpoint import atomic_write, load_state, save_state, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
 
-MODELS = ("mhla", "gla", "transformer")
+MODELS = ("mhla", "linear", "gla", "transformer")
 # the paper's 340M width and depth; --model-kwargs override any field
 DEFAULTS = {
     "mhla": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, expand_k=0.5, expand_v=1, hidden_ratio=4,
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--config", default=None, help="YAML file of defaults for these arguments")
-    a("--model", default="mhla", choices=MODELS)
+    a("--model", default="mhla", choices=MODELS, help="linear: MHLA with all mixing weights fixed to 1")
     a("--model-kwargs", nargs="*", default={}, action=ParseKwargs, help="config overrides, e.g. hidden_size=256")
     a("--data", required=False, help="dataset directory written by mhla_nlp.prepare_data")
     a("--train-split", default="train")
@@ -82,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_model(name: str, model_kwargs: dict | None = None) -> nn.Module:
     """A fresh causal LM: `mhla`, `gla` (fla) or `transformer` (transformers' Llama with SDPA)."""
-    kw = {**DEFAULTS[name], **(model_kwargs or {})}
-    if name == "mhla":
+    kw = {**DEFAULTS["mhla" if name == "linear" else name], **(model_kwargs or {})}
+    if name in ("mhla", "linear"):
         from mhla_nlp import MHLAConfig, MHLAForCausalLM
 
-        return MHLAForCausalLM(MHLAConfig(**kw))
+        model = MHLAForCausalLM(MHLAConfig(**kw))
+        return freeze_linear_mixing(model) if name == "linear" else model
     if name == "gla":
         from fla.models import GLAConfig, GLAForCausalLM
 
@@ -96,6 +97,22 @@ def build_model(name: str, model_kwargs: dict | None = None) -> nn.Module:
 
         return LlamaForCausalLM(LlamaConfig(**kw, attn_implementation="sdpa"))
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def freeze_linear_mixing(model: nn.Module) -> nn.Module:
+    """Plain causal linear attention from the MHLA layer: every mixing weight 1 (below the diagonal), frozen.
+
+    Same chunking, kernels, features, rotary and output gate as MHLA; only the learned chunk mixing is gone.
+    The saved model is an ordinary MHLA checkpoint (its mixing is the all-ones lower triangle).
+    """
+    from mhla_nlp.layers.mhla import MHLAAttention
+
+    for m in model.modules():
+        if isinstance(m, MHLAAttention):
+            with torch.no_grad():
+                m.mixing_matrix.copy_(torch.ones_like(m.mixing_matrix).tril())
+            m.mixing_matrix.requires_grad_(False)
+    return model
 
 
 def make_batch(rows: list[list[int]], cus: list[list[int]], model_name: str, device) -> dict:
@@ -205,8 +222,9 @@ def run(args: argparse.Namespace) -> dict:
         model.gradient_checkpointing_enable()
     _constrain(model)
     # as HF Trainer: no decay on biases and norm weights (1-D); matrices, embeddings and the mixing decay
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=tuple(args.betas),
                                   fused=device.type == "cuda")

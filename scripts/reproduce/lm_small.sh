@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Small-LM replication on one GPU: MHLA (8 chunks of 64), linear attention (the same layer, one chunk of
-# 512) and softmax attention (Llama/SDPA), 4 layers, width 256, ~5.5M parameters each, on Python's own
+# Small-LM replication on one GPU: MHLA (8 chunks of 64), linear attention (the same layer with all mixing
+# weights fixed to 1) and softmax attention (Llama/SDPA), 4 layers, width 256, ~5.5M parameters each, on Python's own
 # documentation (pydoc topics + standard-library docstrings, ~2.3 MB; see mhla_nlp/corpus.py), byte-level
 # BPE 8192, rows of 512 tokens, SEEDS (default 0 1), STEPS (default 500) steps of 16 x 512 tokens.
 # Writes the validation-perplexity table to ${1:-runs/lm_small/table.md}.
@@ -19,7 +19,7 @@ for seed in $SEEDS; do
   for variant in mhla linear softmax; do
     case $variant in
       mhla) args=(--model mhla --model-kwargs $SMALL num_heads=4 chunk_size=64 max_chunks=8) ;;
-      linear) args=(--model mhla --model-kwargs $SMALL num_heads=4 chunk_size=512 max_chunks=1) ;;
+      linear) args=(--model linear --model-kwargs $SMALL num_heads=4 chunk_size=64 max_chunks=8) ;;
       softmax) args=(--model transformer --model-kwargs $SMALL num_attention_heads=4 num_key_value_heads=4 \
                      intermediate_size=768 max_position_embeddings=512) ;;
     esac

@@ -73,3 +73,17 @@ def test_configs_parse_and_gla_builds():
         assert args.model == name.split("_")[0] and args.lr == 3e-4 and args.min_lr_ratio == 0.1
     gla = build_model("gla", dict(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=40))
     assert type(gla).__name__ == "GLAForCausalLM"
+
+
+def test_linear_is_mhla_with_one_chunk():
+    lin = build_model("linear", dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=40, chunk_size=4,
+                                     max_chunks=4)).eval()
+    w = lin.model.layers[0].attn.mixing_matrix
+    assert not w.requires_grad and torch.equal(w, torch.ones(4, 4).tril())
+    one = build_model("mhla", dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=40, chunk_size=16,
+                                   max_chunks=1)).eval()
+    sd = {k: v for k, v in lin.state_dict().items() if "mixing" not in k}
+    one.load_state_dict(sd, strict=False)
+    x = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(lin(input_ids=x).logits, one(input_ids=x).logits, atol=1e-5, rtol=1e-5)
