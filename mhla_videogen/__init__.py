@@ -9,7 +9,11 @@ What exists:
 - `from_wan` and `python -m mhla_videogen.convert` (`mhla_videogen.convert`): softmax Wan -> MHLA, and the
   authors' released state dict -> a diffusers model folder (layer set and gating detected from the keys).
 
-Still to come (see docs/videogen.md): generation, training, latency benchmark, GPU checks.
+- `python -m mhla_videogen.generate` (WanPipeline + MHLA transformer -> videos), `python -m mhla_videogen.extract`
+  (VAE latents + UMT5 embeddings), `python -m mhla_videogen.train` (flow-matching fine-tuning, DDP, exact resume);
+  `scripts/bench_wan_latency.py`, `scripts/reproduce/wan.sh`.
+
+Still to come (see docs/videogen.md): GPU verification, VBench.
 """
 
 from __future__ import annotations
