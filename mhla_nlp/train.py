@@ -277,11 +277,11 @@ def run(args: argparse.Namespace) -> dict:
             chunk = train_ds[sampler.indices(first, args.batch_size)]
             batch = make_batch(chunk["input_ids"], chunk["cu_seqlens"], args.model, device)
             sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
-            with sync, amp:
-                loss = model(**batch, use_cache=False).loss / args.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-            with sync:
+            with sync:  # forward and backward inside one no_sync (a context manager is single-use)
+                with amp:
+                    loss = model(**batch, use_cache=False).loss / args.grad_accum
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}")
                 loss.backward()
             loss_sum += loss.item()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad) if args.clip_grad else None
