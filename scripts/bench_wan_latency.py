@@ -1,8 +1,8 @@
 """DiT latency of Wan2.1-T2V-1.3B: softmax (best SDPA backend) vs MHLA hybrid 2/3 vs MHLA full.
 
     python scripts/bench_wan_latency.py --markdown docs/benchmarks_wan.md     # one H200: about 2-3 minutes
-    python scripts/bench_wan_latency.py --width 832 --markdown ...             # 480x832 (padded block layout)
-    python scripts/bench_wan_latency.py --frames 161 ...                       # a longer clip
+    python scripts/bench_wan_latency.py --extra-shapes 81x480x832 161x480x800 --markdown ...
+                                     # + 480x832 (padded block layout) and a 161-frame clip: about 5-6 minutes
     python scripts/bench_wan_latency.py --tiny --cpu                           # CPU smoke run (the test)
 
 Random weights in bf16 (the 1.3B config: dim 1536, 12 heads x 128, FFN 8960, 30 layers), batch 1, a 512-token
@@ -91,74 +91,93 @@ def build(kind: str, cfg: dict, device: torch.device, dtype: torch.dtype, block_
     return model.eval()
 
 
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"81x480x800" -> (frames, height, width)."""
+    try:
+        f, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be FRAMESxHEIGHTxWIDTH, got {text!r}") from None
+    if (f - 1) % 4 or h % 16 or w % 16:
+        raise argparse.ArgumentTypeError(f"{text}: frames must be 4k + 1, height and width multiples of 16")
+    return f, h, w
+
+
 def run(args) -> tuple[list[dict], dict]:
     cuda = not args.cpu and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = TINY if args.tiny else WAN_1_3B
-    lat = (1 + (args.frames - 1) // 4, args.height // 8, args.width // 8)
+    shapes = [(args.frames, args.height, args.width), *args.extra_shapes]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, cfg["in_channels"], *lat, generator=g).to(device, dtype)
     t = torch.tensor([500.0], device=device)
     text = torch.randn(1, args.text_len, cfg["text_dim"], generator=g).to(device, dtype)
-    tokens = lat[0] * (lat[1] // 2) * (lat[2] // 2)
     rows = []
     for kind in args.models:
         model = build(kind, cfg, device, dtype, tuple(args.block_layout))
         n_mhla = len(getattr(model.config, "mhla_layers", []) or [])
+        for shape in shapes:
+            lat = (1 + (shape[0] - 1) // 4, shape[1] // 8, shape[2] // 8)
+            x = torch.randn(1, cfg["in_channels"], *lat, generator=g).to(device, dtype)
 
-        def fwd(model=model):
-            with torch.no_grad():
-                return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            def fwd(model=model, x=x):
+                with torch.no_grad():
+                    return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
-        results = {}
-        for name, backend in (_sdpa_backends(cuda) if kind == "softmax" else [("mhla", None)]):
-            try:
-                with _under(backend):
-                    results[name] = time_ms(fwd, device, args.warmup, args.reps)
-            except RuntimeError as e:  # a backend that does not support this shape / card
-                print(f"{kind}/{name}: skipped ({str(e).splitlines()[0][:100]})", file=sys.stderr)
-        if not results:
-            raise RuntimeError(f"no backend ran for {kind}")
-        best = min(results, key=results.get)
-        ms = results[best]
-        rows.append(dict(model=kind, mhla_layers=n_mhla, backend=best, all_backends=results, forward_ms=ms,
-                         step_s=2 * ms / 1e3, video_s=2 * args.steps * ms / 1e3))
-        print(f"{kind:8s} {best:9s} {ms:10.1f} ms/forward  {2 * args.steps * ms / 1e3:8.1f} s/{args.steps}-step video"
-              f"  (all: { {k: round(v, 1) for k, v in results.items()} })", flush=True)
-        del model, fwd
+            results = {}
+            for name, backend in (_sdpa_backends(cuda) if kind == "softmax" else [("mhla", None)]):
+                try:
+                    with _under(backend):
+                        results[name] = time_ms(fwd, device, args.warmup, args.reps)
+                except RuntimeError as e:  # a backend that does not support this shape / card, or out of memory
+                    print(f"{kind}/{name}/{shape}: skipped ({str(e).splitlines()[0][:100]})", file=sys.stderr)
+                if cuda:
+                    torch.cuda.empty_cache()
+            if not results:
+                print(f"{kind} {shape}: no backend ran", file=sys.stderr)
+                continue
+            best = min(results, key=results.get)
+            ms = results[best]
+            rows.append(dict(model=kind, shape=shape, tokens=lat[0] * (lat[1] // 2) * (lat[2] // 2),
+                             mhla_layers=n_mhla, backend=best, all_backends=results, forward_ms=ms,
+                             step_s=2 * ms / 1e3, video_s=2 * args.steps * ms / 1e3))
+            print(f"{kind:8s} {'x'.join(map(str, shape)):12s} {best:9s} {ms:10.1f} ms/forward "
+                  f"{2 * args.steps * ms / 1e3:8.1f} s/{args.steps}-step video"
+                  f"  (all: { {k: round(v, 1) for k, v in results.items()} })", flush=True)
+            del fwd, x
+        del model
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    base = next((r["forward_ms"] for r in rows if r["model"] == "softmax"), None)
     for r in rows:
+        base = next((b["forward_ms"] for b in rows if b["model"] == "softmax" and b["shape"] == r["shape"]), None)
         r["speedup"] = base / r["forward_ms"] if base else None
     return rows, dict(device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-                      dtype=str(dtype).replace("torch.", ""), tokens=tokens, latent=lat, config="tiny" if args.tiny
-                      else "Wan2.1-T2V-1.3B")
+                      dtype=str(dtype).replace("torch.", ""), config="tiny" if args.tiny else "Wan2.1-T2V-1.3B")
 
 
 def markdown(rows: list[dict], info: dict, args) -> str:
     import diffusers
 
     lines = [
-        f"## Wan DiT latency, {args.frames}x{args.height}x{args.width} ({info['tokens']:,} tokens), {info['config']}",
+        f"## Wan DiT latency ({info['config']}, softmax vs MHLA)",
         "",
         f"{info['device']}, {info['dtype']}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Random weights, batch 1, "
-        f"{args.text_len} text tokens; median of {args.reps} forwards after {args.warmup}. A step = 2 forwards (cfg); "
+        f"{args.text_len} text tokens, block layout {tuple(args.block_layout)} (padded where it does not divide); "
+        f"median of {args.reps} forwards after {args.warmup}. A step = 2 forwards (cfg); "
         f"a video = {args.steps} steps, DiT only (no VAE decode, no text encoder). "
         f"`python scripts/bench_wan_latency.py {' '.join(args.argv)}`".rstrip() + ".",
         "",
-        "| model | MHLA layers | attention | ms / forward | s / step (cfg) | s / video | speed-up |",
-        "|---|---|---|---|---|---|---|",
+        "| video (FxHxW) | tokens | model | MHLA layers | attention | ms / forward | s / step (cfg) | s / video "
+        "| speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["tokens"], r["shape"])):
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        lines.append(f"| {r['model']} | {r['mhla_layers']} | {r['backend']} | {r['forward_ms']:.1f} | "
-                     f"{r['step_s']:.2f} | {r['video_s']:.1f} | {sp} |")
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['tokens']:,} | {r['model']} | {r['mhla_layers']} | "
+                     f"{r['backend']} | {r['forward_ms']:.1f} | {r['step_s']:.2f} | {r['video_s']:.1f} | {sp} |")
     lines += ["", "Paper (their setup, FlashAttention baseline): softmax 139 s, MHLA hybrid 84 s (1.65x), "
-              "full 62 s (2.24x) per video. Issue 7 targets here: full >= 2.5x, hybrid >= 1.7x.", ""]
+              "full 62 s (2.24x) per 480x800x81 video. Issue 7 targets here: full >= 2.5x, hybrid >= 1.7x.", ""]
     return "\n".join(lines)
 
 
@@ -169,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--height", type=int, default=480)
     a("--width", type=int, default=800)
     a("--frames", type=int, default=81)
+    a("--extra-shapes", type=parse_shape, nargs="*", default=[], metavar="FxHxW",
+      help="more videos with the same models, e.g. 81x480x832 161x480x800")
     a("--block-layout", type=int, nargs=3, default=[3, 5, 10])
     a("--text-len", type=int, default=512)
     a("--steps", type=int, default=50)

@@ -11,12 +11,13 @@ def test_bench_tiny_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     md = tmp_path / "bench.md"
-    rows = bench.main(["--tiny", "--cpu", "--markdown", str(md)])
-    assert [r["model"] for r in rows] == ["softmax", "hybrid", "full"]
-    assert [r["mhla_layers"] for r in rows] == [0, 2, 3]
+    rows = bench.main(["--tiny", "--cpu", "--markdown", str(md), "--extra-shapes", "5x64x112"])
+    assert [r["model"] for r in rows] == ["softmax", "softmax", "hybrid", "hybrid", "full", "full"]
+    assert [r["mhla_layers"] for r in rows] == [0, 0, 2, 2, 3, 3]
+    assert [r["tokens"] for r in rows[:2]] == [48, 56]  # 2x4x6, 2x4x7 (padded by the block layout)
     assert rows[0]["speedup"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
     text = md.read_text()
-    assert "| softmax | 0 |" in text and "| full | 3 |" in text and "torch " in text and "(48 tokens)" in text
+    assert "| 5x64x96 | 48 | softmax | 0 |" in text and "| 5x64x112 | 56 | full | 3 |" in text and "torch " in text
     # the 1.3B config has the shape facts
     cfg = bench.WAN_1_3B
     dims = (cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"])
