@@ -37,7 +37,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict[str, 
     """Write a model's state dict (parameters and buffers) as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    # a copy of every tensor: tied weights share storage, which safetensors refuses
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap(model).state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 

@@ -70,3 +70,14 @@ def test_torch_compile_on_cpu():
     x = torch.randn(2, 64, 32)
     compiled = torch.compile(layer, fullgraph=True)
     assert torch.allclose(compiled(x), layer(x), rtol=1e-4, atol=1e-5)
+
+
+def test_save_weights_with_tied_tensors(tmp_path):
+    from mhla_core.checkpoint import load_weights, save_weights
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight  # tied, as in a language model
+    save_weights(model, tmp_path / "w.safetensors")
+    other = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    load_weights(other, tmp_path / "w.safetensors")
+    assert torch.equal(other[0].weight, model[0].weight) and torch.equal(other[1].weight, model[1].weight)
