@@ -16,12 +16,14 @@ autocast on CUDA, gradient checkpointing, caption dropout 0.1 to the empty-promp
 Exact resume: every random draw of step `i` (batch order, noise, s, dropout) comes from generators seeded by
 (seed, step, rank), so `--resume` continues bit-for-bit. `{output}/last.safetensors` + `last_state.pt` are
 written atomically every `--checkpoint-every` steps and at the end, `{output}/final/` is a model folder for
-`python -m mhla_videogen.generate --transformer`. Metrics go to stdout and `{output}/log.jsonl`.
+`python -m mhla_videogen.generate --transformer` (`final_ema/` too with `--ema-decay`). Metrics go to stdout,
+`{output}/log.jsonl` and, with `--log-wandb`, wandb.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-sequence-length", type=int, default=512, help="text embeddings are zero-padded to this length")
     a("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16", "none"], help="autocast on CUDA")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    a("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (e.g. 0.9999); 0 = off")
+    a("--log-wandb", action="store_true", help="log to wandb (offline without credentials)")
     a("--seed", type=int, default=0)
     a("--log-interval", type=int, default=10)
     a("--checkpoint-every", type=int, default=500)
@@ -114,14 +118,17 @@ def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])])
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def batch_indices(step: int, batch: int, rank: int, world: int, n: int, seed: int) -> list[int]:
     """Sample indices of (step, rank): a fresh permutation per epoch, seeded by (seed, epoch)."""
     out = []
     for j in range(batch):
-        flat = (step * world + rank) * batch + j
-        epoch, pos = divmod(flat, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(int(perm[pos]))
+        epoch, pos = divmod((step * world + rank) * batch + j, n)
+        out.append(int(_epoch_perm(n, seed, epoch)[pos]))
     return out
 
 
@@ -175,6 +182,34 @@ def select_trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class EMA:
+    """Exponential moving average of every floating-point tensor of a model's state dict (fp32, on its device)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+    def save(self, path: Path, step: int) -> None:
+        from safetensors.torch import save_file
+
+        from mhla_core.checkpoint import atomic_write
+
+        state = {k: v.cpu().contiguous() for k, v in self.shadow.items()}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"step": str(step), "decay": str(self.decay)}))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        for k, v in load_file(str(path)).items():
+            self.shadow[k].copy_(v)
+
+
 @torch.no_grad()
 def constrain_mixing(model: nn.Module, kind: str) -> None:
     """The mixing constraint on every MHLA layer's W (`clamp01`), or nothing (`none`, the authors)."""
@@ -213,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     step = 0
+    ema = EMA(model, args.ema_decay) if args.ema_decay else None
     if args.resume:
         if not (out / "last_state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
@@ -220,6 +256,8 @@ def run(args: argparse.Namespace) -> dict:
         load_weights(model, out / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        if ema is not None:
+            ema.load(out / "last_ema.safetensors")
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = (torch.autocast("cuda", dtype=getattr(torch, args.amp_dtype))
@@ -229,6 +267,7 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(vars(args), out / "config.yaml")
         log = open(out / "log.jsonl", "a")
+        wandb = _wandb(args, out) if args.log_wandb else None
         n_all = sum(p.numel() for p in unwrap(model).parameters())
         n_train = sum(p.numel() for p in params)
         print(f"MHLA Wan ({unwrap(model).config.mhla_layers} MHLA layers): {n_all / 1e6:.1f}M params, "
@@ -238,6 +277,8 @@ def run(args: argparse.Namespace) -> dict:
     def checkpoint():
         if main:
             save_weights(model, out / "last.safetensors", {"step": str(step)})
+            if ema is not None:
+                ema.save(out / "last_ema.safetensors", step)
             save_state({"optimizer": optimizer.state_dict(), "step": step}, out / "last_state.pt")
 
     metrics: dict = {}
@@ -259,6 +300,8 @@ def run(args: argparse.Namespace) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else torch.tensor(0.0)
         optimizer.step()
         constrain_mixing(model, args.mixing_constraint)
+        if ema is not None:
+            ema.update(unwrap(model))
         step += 1
         log_now = step % args.log_interval == 0 or step == total
         loss_mean = loss.detach().clone()
@@ -273,15 +316,32 @@ def run(args: argparse.Namespace) -> dict:
             print(json.dumps(metrics), flush=True)
             log.write(json.dumps(metrics) + "\n")
             log.flush()
+            if wandb:
+                wandb.log(metrics, step=step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()
     checkpoint()
     if main:
         unwrap(model).save_pretrained(out / "final")
+        if ema is not None:  # final_ema/: the same model with the EMA weights
+            final = unwrap(model)
+            backup = {k: v.detach().clone() for k, v in final.state_dict().items() if k in ema.shadow}
+            final.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+            final.save_pretrained(out / "final_ema")
+            final.load_state_dict(backup, strict=False)
         log.close()
+        if wandb:
+            wandb.finish()
     if world > 1:
         dist.destroy_process_group()
     return {**metrics, "step": step, "model": unwrap(model)}
+
+
+def _wandb(args, out: Path):
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project="mhla-videogen", name=out.name, dir=str(out), mode=mode, config=vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

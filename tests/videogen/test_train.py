@@ -56,14 +56,19 @@ def _args(tiny_pipeline_dir, latents_dir, out, *extra):
 
 def test_train_resume_equals_straight(tiny_pipeline_dir, latents_dir):
     base = tiny_pipeline_dir
-    straight = train.main(_args(base, latents_dir, base / "a", "--max-steps", "3"))
+    ema = ("--ema-decay", "0.9")
+    straight = train.main(_args(base, latents_dir, base / "a", "--max-steps", "3", *ema))
     assert straight["step"] == 3 and np.isfinite(straight["loss"])
-    train.main(_args(base, latents_dir, base / "b", "--max-steps", "2"))
-    resumed = train.main(_args(base, latents_dir, base / "b", "--max-steps", "3", "--resume"))
-    a, b = load_file(str(base / "a" / "last.safetensors")), load_file(str(base / "b" / "last.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    train.main(_args(base, latents_dir, base / "b", "--max-steps", "2", *ema))
+    resumed = train.main(_args(base, latents_dir, base / "b", "--max-steps", "3", "--resume", *ema))
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, b = load_file(str(base / "a" / name)), load_file(str(base / "b" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ema_w = load_file(str(base / "a" / "last_ema.safetensors"))
+    a = load_file(str(base / "a" / "last.safetensors"))
+    assert not torch.equal(ema_w["blocks.0.ffn.net.0.proj.weight"], a["blocks.0.ffn.net.0.proj.weight"])
     assert resumed["loss"] == straight["loss"]
     log = [json.loads(line) for line in (base / "b" / "log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [1, 2, 3] and {"eta_min", "clips_per_s"} <= log[-1].keys()
@@ -72,6 +77,9 @@ def test_train_resume_equals_straight(tiny_pipeline_dir, latents_dir):
 
     final = MHLAWanTransformer3DModel.from_pretrained(base / "a" / "final")
     assert final.config.mhla_layers == [1, 2]
+    final_ema = MHLAWanTransformer3DModel.from_pretrained(base / "a" / "final_ema")
+    torch.testing.assert_close(final_ema.state_dict()["blocks.1.attn1.to_q.weight"],
+                               ema_w["blocks.1.attn1.to_q.weight"], rtol=0, atol=0)
     w0 = load_file(str(base / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert not torch.equal(w0["blocks.0.ffn.net.0.proj.weight"], a["blocks.0.ffn.net.0.proj.weight"])
 
