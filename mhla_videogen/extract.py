@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frame-stride", type=int, default=1)
     a("--max-sequence-length", type=int, default=512)
     a("--device", default=None)
+    a("--text-dtype", default=None, choices=["bfloat16", "float32"],
+      help="UMT5 dtype; default bfloat16 on CUDA (as generate runs it), float32 on CPU. The VAE runs in float32")
     a("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="default: $RANK (torchrun)")
     a("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE (torchrun)")
     return p
@@ -137,9 +139,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", dtype=torch.float32, local_files_only=True)
-    pipe = WanPipeline.from_pretrained(model, vae=vae, transformer=None, local_files_only=True).to(device)
+    text_dtype = getattr(torch, args.text_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    pipe = WanPipeline.from_pretrained(model, vae=vae, transformer=None, dtype=text_dtype,
+                                       local_files_only=True).to(device)
+    pipe.vae.to(torch.float32)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=str(model), height=args.height, width=args.width, frames=args.frames,
+    meta = dict(model=str(model), height=args.height, width=args.width, frames=args.frames, text_dtype=str(text_dtype),
                 frame_stride=args.frame_stride, max_sequence_length=args.max_sequence_length, clips=len(rows))
     if args.rank == 0:
         (out / "meta.json").write_text(json.dumps(meta, indent=1))
