@@ -124,6 +124,8 @@ def run(args) -> tuple[list[dict], dict]:
                     return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
             results = {}
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             for name, backend in (_sdpa_backends(cuda) if kind == "softmax" else [("mhla", None)]):
                 try:
                     with _under(backend):
@@ -137,7 +139,8 @@ def run(args) -> tuple[list[dict], dict]:
                 continue
             best = min(results, key=results.get)
             ms = results[best]
-            rows.append(dict(model=kind, shape=shape, tokens=lat[0] * (lat[1] // 2) * (lat[2] // 2),
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            rows.append(dict(model=kind, peak_gib=peak, shape=shape, tokens=lat[0] * (lat[1] // 2) * (lat[2] // 2),
                              mhla_layers=n_mhla, backend=best, all_backends=results, forward_ms=ms,
                              step_s=2 * ms / 1e3, video_s=2 * args.steps * ms / 1e3))
             print(f"{kind:8s} {'x'.join(map(str, shape)):12s} {best:9s} {ms:10.1f} ms/forward "
@@ -169,13 +172,15 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         f"`python scripts/bench_wan_latency.py {' '.join(args.argv)}`".rstrip() + ".",
         "",
         "| video (FxHxW) | tokens | model | MHLA layers | attention | ms / forward | s / step (cfg) | s / video "
-        "| speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| speed-up | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["tokens"], r["shape"])):
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['tokens']:,} | {r['model']} | {r['mhla_layers']} | "
-                     f"{r['backend']} | {r['forward_ms']:.1f} | {r['step_s']:.2f} | {r['video_s']:.1f} | {sp} |")
+                     f"{r['backend']} | {r['forward_ms']:.1f} | {r['step_s']:.2f} | {r['video_s']:.1f} | {sp} "
+                     f"| {peak} |")
     lines += ["", "Paper (their setup, FlashAttention baseline): softmax 139 s, MHLA hybrid 84 s (1.65x), "
               "full 62 s (2.24x) per 480x800x81 video. Issue 7 targets here: full >= 2.5x, hybrid >= 1.7x.", ""]
     return "\n".join(lines)

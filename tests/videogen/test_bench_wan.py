@@ -17,6 +17,7 @@ def test_bench_tiny_cpu(tmp_path):
     assert [r["tokens"] for r in rows[:2]] == [48, 56]  # 2x4x6, 2x4x7 (padded by the block layout)
     assert rows[0]["speedup"] == 1.0 and all(r["forward_ms"] > 0 for r in rows)
     text = md.read_text()
+    assert text.count("| - |") == 6  # no peak memory on CPU
     assert "| 5x64x96 | 48 | softmax | 0 |" in text and "| 5x64x112 | 56 | full | 3 |" in text and "torch " in text
     # the 1.3B config has the shape facts
     cfg = bench.WAN_1_3B
