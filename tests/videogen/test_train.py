@@ -27,8 +27,18 @@ def latents_dir(tiny_pipeline_dir):
     rng = np.random.default_rng(0)
     rows = []
     for i, (t, h, w) in enumerate([(6, 70, 100), (5, 64, 96), (3, 64, 96), (9, 80, 90)]):
-        np.save(data / f"c{i}.npy", rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8))
-        rows.append({"video": f"c{i}.npy", "caption": ["a cat", "a red dog running", "sky", "the blue wave"][i]})
+        frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+        if i == 3:  # a folder of frame images
+            from PIL import Image
+
+            (data / "c3").mkdir()
+            for j, f in enumerate(frames):
+                Image.fromarray(f).save(data / "c3" / f"{j:03d}.png")
+            video = "c3"
+        else:
+            np.save(data / f"c{i}.npy", frames)
+            video = f"c{i}.npy"
+        rows.append({"video": video, "caption": ["a cat", "a red dog running", "sky", "the blue wave"][i]})
     (data / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tiny_pipeline_dir / "latents"
     argv = ["--model", str(tiny_pipeline_dir / "wan"), "--data", str(data), "--out", str(out), "--height", "64",
@@ -42,6 +52,7 @@ def latents_dir(tiny_pipeline_dir):
 def test_extract_shapes(latents_dir):
     d = load_file(str(latents_dir / "0000001.safetensors"))
     assert d["latents"].shape == (4, 2, 8, 12)  # z_dim 4, 1 + (5 - 1) / 4 frames, /8 spatial
+    assert load_file(str(latents_dir / "0000003.safetensors"))["latents"].shape == (4, 2, 8, 12)  # PNG folder
     assert d["text"].shape[1] == 16 and 1 <= d["text"].shape[0] <= 8
     assert load_file(str(latents_dir / "empty.safetensors"))["text"].shape[1] == 16
     assert json.loads((latents_dir / "meta.json").read_text())["frames"] == 5
