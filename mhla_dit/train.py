@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader
 from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, load_yaml, parse_with_config
+from mhla_core.distributed import init_distributed, init_wandb
 from mhla_dit.checkpoints import init_from, model_metadata
 from mhla_dit.data import LatentDataset
 from mhla_dit.diffusion import Diffusion
@@ -71,17 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device); a process group (NCCL on CUDA, else gloo) when launched by torchrun."""
-    if "LOCAL_RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    world = int(os.environ["WORLD_SIZE"])
-    local = int(os.environ["LOCAL_RANK"])
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def epoch_batches(n: int, epoch: int, seed: int, global_batch: int, rank: int, world: int) -> list[list[int]]:
@@ -102,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     """Train according to `args`; returns the last metrics with the model and EMA (used by tests and drivers)."""
     if not args.data_path:
         raise SystemExit("--data-path (a latent store from `python -m mhla_dit.extract_features`) is required")
-    rank, world, device = _distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     main = rank == 0
     if args.global_batch_size % world:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes")
@@ -147,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml({**vars(args), "resolved_model_kwargs": kwargs}, out / "config.yaml")
-        wandb = _wandb(args, out) if args.log_wandb else None
+        wandb = init_wandb("mhla-dit", args.experiment, out, vars(args)) if args.log_wandb else None
         log = open(out / "log.jsonl", "a")
         n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
         print(f"{args.model} ({kwargs.get('attention', 'mhla')}): {n_params / 1e6:.2f}M params, "
@@ -226,11 +215,6 @@ def run(args: argparse.Namespace) -> dict:
     return {**metrics, "step": step, "model": unwrap(model), "ema": ema.module, "output": out}
 
 
-def _wandb(args: argparse.Namespace, out: Path):
-    import wandb
-
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project="mhla-dit", name=args.experiment, dir=str(out), mode=mode, config=vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ import mhla_image_classification  # noqa: F401  (registers the models with timm)
 from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
+from mhla_core.distributed import init_distributed, init_wandb
 from mhla_image_classification.data import SeededDataset, build_transforms, check_split, eval_loader, train_loader
 from mhla_image_classification.evaluate import evaluate
 from mhla_image_classification.models import MODEL_NAMES
@@ -88,16 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _distributed(args) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, torch.device(args.device)
-    local = int(os.environ["LOCAL_RANK"])
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def build_model(args, num_classes: int) -> nn.Module:
@@ -123,7 +113,7 @@ def _step_seed(seed: int, step: int) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Train according to `args`; returns the last metrics (also used by the tests and the demo)."""
-    rank, world, device = _distributed(args)
+    rank, world, device = init_distributed(args.device)
     main = rank == 0
     train_root = check_split(args.data_dir or "", args.train_split)
     val_root = Path(args.data_dir) / args.val_split
@@ -168,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml({**vars(args), "num_classes": num_classes}, out / "config.yaml")
-        wandb = _wandb(args, out) if args.log_wandb else None
+        wandb = init_wandb("mhla-classification", args.experiment, out, vars(args)) if args.log_wandb else None
         log = open(out / "log.jsonl", "a")
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"{args.model}: {n_params / 1e6:.2f}M params, {len(train_ds)} images, {updates_per_epoch} updates/epoch, "
@@ -239,11 +229,6 @@ def run(args: argparse.Namespace) -> dict:
     return {**metrics, "step": step, "model": unwrap(model)}
 
 
-def _wandb(args, out: Path):
-    import wandb
-
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project="mhla-classification", name=args.experiment, dir=str(out), mode=mode, config=vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

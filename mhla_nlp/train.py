@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -28,8 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mhla_core.checkpoint import atomic_write, load_state, save_state, unwrap
+from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
+from mhla_core.distributed import init_distributed, init_wandb
 
 MODELS = ("mhla", "linear", "gla", "transformer")
 # the paper's 340M width and depth; --model-kwargs override any field
@@ -153,30 +153,10 @@ class RowSampler:
         return out
 
 
-def _distributed(device: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    local = int(os.environ["LOCAL_RANK"])
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
-def save_model_weights(model: nn.Module, path: Path) -> None:
-    """safetensors of the state dict; tied tensors are cloned (safetensors refuses shared storage)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp))
 
 
-def load_model_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    unwrap(model).load_state_dict(load_file(str(path)))
 
 
 def _constrain(model: nn.Module) -> None:
@@ -207,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     import datasets
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    rank, world, device = _distributed(args.device)
+    rank, world, device = init_distributed(args.device)
     main = rank == 0
     if not args.data:
         raise SystemExit("--data: a dataset directory written by mhla_nlp.prepare_data is required")
@@ -235,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
         if not (out / "last_state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
         state = load_state(out / "last_state.pt")
-        load_model_weights(model, out / "last.safetensors")
+        load_weights(model, out / "last.safetensors")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -251,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml({**vars(args), "betas": list(args.betas), "seq_len": seq_len, "world": world}, out / "config.yaml")
         unwrap(model).config.save_pretrained(out)
-        wandb = _wandb(args, out) if args.log_wandb else None
+        wandb = init_wandb("mhla-nlp", args.experiment, out, vars(args)) if args.log_wandb else None
         log = open(out / "log.jsonl", "a")
         n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"{args.model}: {n_params / 1e6:.2f}M params, {len(train_ds)} rows of {seq_len}, "
@@ -260,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def checkpoint():
         if main:
-            save_model_weights(model, out / "last.safetensors")
+            save_weights(model, out / "last.safetensors")
             save_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
                        out / "last_state.pt")
 
@@ -323,12 +303,6 @@ def run(args: argparse.Namespace) -> dict:
     return {**metrics, "step": step, "model": unwrap(model)}
 
 
-def _wandb(args, out: Path):
-    import wandb
-
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project="mhla-nlp", name=args.experiment, dir=str(out), mode=mode,
-                      config={k: v for k, v in vars(args).items()})
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

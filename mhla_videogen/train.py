@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import dump_yaml, parse_with_config
+from mhla_core.distributed import init_distributed, init_wandb
 
 MIXING_CONSTRAINTS = ("none", "clamp01")
 
@@ -218,22 +218,10 @@ def constrain_mixing(model: nn.Module, kind: str) -> None:
             attn.block_attn.conv.weight.clamp_(0.0, 1.0)
 
 
-def _distributed(args) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return rank, world, device
 
 
 def run(args: argparse.Namespace) -> dict:
-    rank, world, device = _distributed(args)
+    rank, world, device = init_distributed(args.device)
     main = rank == 0
     if args.data is None:
         raise SystemExit("--data (a folder from python -m mhla_videogen.extract) is required")
@@ -267,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(vars(args), out / "config.yaml")
         log = open(out / "log.jsonl", "a")
-        wandb = _wandb(args, out) if args.log_wandb else None
+        wandb = init_wandb("mhla-videogen", out.name, out, vars(args)) if args.log_wandb else None
         n_all = sum(p.numel() for p in unwrap(model).parameters())
         n_train = sum(p.numel() for p in params)
         print(f"MHLA Wan ({unwrap(model).config.mhla_layers} MHLA layers): {n_all / 1e6:.1f}M params, "
@@ -337,11 +325,6 @@ def run(args: argparse.Namespace) -> dict:
     return {**metrics, "step": step, "model": unwrap(model)}
 
 
-def _wandb(args, out: Path):
-    import wandb
-
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project="mhla-videogen", name=out.name, dir=str(out), mode=mode, config=vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
