@@ -11,7 +11,7 @@ What exists:
 
 - `python -m mhla_videogen.generate` (WanPipeline + MHLA transformer -> videos), `python -m mhla_videogen.extract`
   (VAE latents + UMT5 embeddings), `python -m mhla_videogen.train` (flow-matching fine-tuning, DDP, exact resume);
-  `scripts/bench_wan_latency.py`, `scripts/reproduce/wan.sh`.
+  `scripts/bench_video.py`, `scripts/reproduce/wan.sh`.
 
 Still to come (see docs/videogen.md): GPU verification, VBench.
 """

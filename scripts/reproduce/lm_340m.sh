@@ -9,15 +9,15 @@ cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 : "${CORPUS:?set CORPUS to a local .jsonl/.txt file or a saved dataset}" "${TOKENIZER:?set TOKENIZER to a local tokenizer directory}"
 NGPU=${NGPU:-8}
-OUT=runs/lm_340m
+RUN_DIR=${RUN_DIR:-runs/lm_340m}
 MODELS=("${@:-mhla gla transformer}")
-[ -d $OUT/data ] || $PY -m mhla_nlp.prepare_data --input "$CORPUS" --tokenizer "$TOKENIZER" --output $OUT/data \
+[ -d $RUN_DIR/data ] || $PY -m mhla_nlp.prepare_data --input "$CORPUS" --tokenizer "$TOKENIZER" --output $RUN_DIR/data \
   --seq-len 2048 --val-docs "${VAL_DOCS:-5000}" --num-proc "${NPROC:-32}"
 for m in ${MODELS[@]}; do
-  resume=(); [ -f $OUT/$m/last_state.pt ] && resume=(--resume)
-  [ -f $OUT/$m/final/config.json ] || torchrun --nproc_per_node "$NGPU" -m mhla_nlp.train \
-    --config mhla_nlp/configs/${m}_340M.yaml --data $OUT/data --output $OUT/$m "${resume[@]}"
-  $PY -m mhla_nlp.eval ppl --model $OUT/$m/final --tokenizer "$TOKENIZER" --data $OUT/data --split validation \
-    --max-length 2048 --stride 1024 --max-tokens 2000000 --output $OUT/$m/val_ppl.json
-  $PY -m mhla_nlp.eval harness --model $OUT/$m/final --tokenizer "$TOKENIZER" --output $OUT/$m/harness.json
+  resume=(); [ -f $RUN_DIR/$m/last_state.pt ] && resume=(--resume)
+  [ -f $RUN_DIR/$m/final/config.json ] || torchrun --nproc_per_node "$NGPU" -m mhla_nlp.train \
+    --config mhla_nlp/configs/${m}_340M.yaml --data $RUN_DIR/data --output $RUN_DIR/$m "${resume[@]}"
+  $PY -m mhla_nlp.eval ppl --model $RUN_DIR/$m/final --tokenizer "$TOKENIZER" --data $RUN_DIR/data --split validation \
+    --max-length 2048 --stride 1024 --max-tokens 2000000 --output $RUN_DIR/$m/val_ppl.json
+  $PY -m mhla_nlp.eval harness --model $RUN_DIR/$m/final --tokenizer "$TOKENIZER" --output $RUN_DIR/$m/harness.json
 done

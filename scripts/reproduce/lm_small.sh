@@ -7,14 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
-OUT=${OUT:-runs/lm_small}
+RUN_DIR=${RUN_DIR:-runs/lm_small}
 STEPS=${STEPS:-500}
 SEEDS=${SEEDS:-0 1}
 SMALL="hidden_size=256 num_hidden_layers=4 vocab_size=8192"
-[ -f $OUT/corpus/corpus.json ] || $PY -m mhla_nlp.corpus --out $OUT/corpus
-VAL=$($PY -c "import json; print(json.load(open('$OUT/corpus/corpus.json'))['val_docs'])")
-[ -d $OUT/data ] || $PY -m mhla_nlp.prepare_data --input $OUT/corpus/corpus.jsonl --tokenizer $OUT/corpus/tokenizer \
-  --output $OUT/data --seq-len 512 --val-docs "$VAL" --batch-docs 100000
+[ -f $RUN_DIR/corpus/corpus.json ] || $PY -m mhla_nlp.corpus --out $RUN_DIR/corpus
+VAL=$($PY -c "import json; print(json.load(open('$RUN_DIR/corpus/corpus.json'))['val_docs'])")
+[ -d $RUN_DIR/data ] || $PY -m mhla_nlp.prepare_data --input $RUN_DIR/corpus/corpus.jsonl --tokenizer $RUN_DIR/corpus/tokenizer \
+  --output $RUN_DIR/data --seq-len 512 --val-docs "$VAL" --batch-docs 100000
 for seed in $SEEDS; do
   for variant in mhla linear softmax; do
     case $variant in
@@ -23,15 +23,15 @@ for seed in $SEEDS; do
       softmax) args=(--model transformer --model-kwargs $SMALL num_attention_heads=4 num_key_value_heads=4 \
                      intermediate_size=768 max_position_embeddings=512) ;;
     esac
-    run=$OUT/${variant}_s$seed
-    [ -f $run/final/config.json ] || $PY -m mhla_nlp.train --data $OUT/data --output $run "${args[@]}" --seed "$seed" \
+    run=$RUN_DIR/${variant}_s$seed
+    [ -f $run/final/config.json ] || $PY -m mhla_nlp.train --data $RUN_DIR/data --output $run "${args[@]}" --seed "$seed" \
       --batch-size 16 --max-steps "$STEPS" --warmup-steps 50 --lr 1e-3 --eval-every 100 \
       --checkpoint-every 0 --log-interval 50 --eval-batches "${EVAL_BATCHES:-100}"
-    $PY -m mhla_nlp.eval ppl --model $run/final --tokenizer $OUT/corpus/tokenizer --data $OUT/data \
+    $PY -m mhla_nlp.eval ppl --model $run/final --tokenizer $RUN_DIR/corpus/tokenizer --data $RUN_DIR/data \
       --split validation --max-length 512 --stride 256 --max-tokens "${EVAL_TOKENS:-0}" --output $run/val_ppl.json
   done
 done
-$PY - "$OUT" "${1:-$OUT/table.md}" <<'PYEOF'
+$PY - "$RUN_DIR" "${1:-$RUN_DIR/table.md}" <<'PYEOF'
 import json, statistics, sys
 from pathlib import Path
 out, table = Path(sys.argv[1]), Path(sys.argv[2])

@@ -1,13 +1,13 @@
-"""scripts/bench_wan_latency.py --tiny --cpu writes a table with the three models."""
+"""scripts/bench_video.py --tiny --cpu writes a table with the three models."""
 
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_wan_latency.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_video.py"
 
 
 def test_bench_tiny_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_wan_latency", SCRIPT)
+    spec = importlib.util.spec_from_file_location("bench_video", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     md = tmp_path / "bench.md"

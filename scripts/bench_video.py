@@ -1,9 +1,9 @@
 """DiT latency of Wan2.1-T2V-1.3B: softmax (best SDPA backend) vs MHLA hybrid 2/3 vs MHLA full.
 
-    python scripts/bench_wan_latency.py --markdown docs/benchmarks_wan.md     # one H200: about 2-3 minutes
-    python scripts/bench_wan_latency.py --extra-shapes 81x480x832 161x480x800 --markdown ...
+    python scripts/bench_video.py --markdown docs/benchmarks_wan.md     # one H200: about 2-3 minutes
+    python scripts/bench_video.py --extra-shapes 81x480x832 161x480x800 --markdown ...
                                      # + 480x832 (padded block layout) and a 161-frame clip: about 5-6 minutes
-    python scripts/bench_wan_latency.py --tiny --cpu                           # CPU smoke run (the test)
+    python scripts/bench_video.py --tiny --cpu                           # CPU smoke run (the test)
 
 Random weights in bf16 (the 1.3B config: dim 1536, 12 heads x 128, FFN 8960, 30 layers), batch 1, a 512-token
 text embedding, no grad. 480x800x81 -> latents 21x60x100 -> 21x30x50 = 31,500 tokens. One denoising step
@@ -169,7 +169,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         f"{args.text_len} text tokens, block layout {tuple(args.block_layout)} (padded where it does not divide); "
         f"median of {args.reps} forwards after {args.warmup}. A step = 2 forwards (cfg); "
         f"a video = {args.steps} steps, DiT only (no VAE decode, no text encoder). "
-        f"`python scripts/bench_wan_latency.py {' '.join(args.argv)}`".rstrip() + ".",
+        f"`python scripts/bench_video.py {' '.join(args.argv)}`".rstrip() + ".",
         "",
         "| video (FxHxW) | tokens | model | MHLA layers | attention | ms / forward | s / step (cfg) | s / video "
         "| speed-up | peak GiB |",

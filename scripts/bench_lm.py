@@ -1,0 +1,191 @@
+"""Training and decoding throughput of the 340M language models: MHLA vs GLA (fla) vs Transformer++ (Llama, SDPA).
+
+    python scripts/bench_lm.py --markdown docs/benchmarks_lm.md     # one H200: about 2 minutes
+    python scripts/bench_lm.py --tiny --device cpu                   # CPU smoke run (the test)
+
+Random weights, the paper's width and depth (mhla_nlp.train.DEFAULTS: hidden 1024, 24 layers, vocab 32000).
+Training: one full update (bf16 autocast, forward with the loss, backward, fused AdamW step, the mixing clamp
+for MHLA) on `--train-batch` rows of `--train-len` tokens; tokens/s = rows x length / median step time.
+Decoding: greedy `generate()` with the cache from a `--prompt-len` prompt for `--decode-batch` rows;
+decode tokens/s = rows x (n - 1) / (t(n new tokens) - t(1 new token)), so the prefill is excluded.
+Medians of CUDA-event timings after warm-up (perf_counter on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhla_nlp.train import _constrain, build_model  # noqa: E402
+
+TINY = {
+    "mhla": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=256, chunk_size=8, max_chunks=8),
+    "gla": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=256),
+    "transformer": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=256, max_position_embeddings=64),
+}
+LABELS = {"mhla": "MHLA", "gla": "GLA (fla)", "transformer": "Transformer++ (Llama, SDPA)"}
+
+
+def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
+    """Median milliseconds of `fn()` over `reps` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_train(model, name: str, args, device: torch.device) -> float:
+    """Training tokens per second of one full optimizer step."""
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (args.train_batch, args.train_len), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model.train()
+
+    def step():
+        with amp:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if name == "mhla":
+            _constrain(model)
+
+    ms = time_ms(step, device, args.warmup, args.reps)
+    return args.train_batch * args.train_len / (ms / 1e3)
+
+
+@torch.no_grad()
+def bench_decode(model, args, device: torch.device) -> tuple[float, float]:
+    """(decode tokens/s excluding the prefill, prefill + first token ms)."""
+    vocab = model.config.vocab_size
+    model.eval()
+    prompt = torch.randint(3, vocab, (args.decode_batch, args.prompt_len), device=device)
+    mask = torch.ones_like(prompt)
+
+    def gen(n):
+        return lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, use_cache=True, pad_token_id=0)
+
+    reps = max(1, args.reps // 2)
+    t1 = time_ms(gen(1), device, 1, reps)
+    tn = time_ms(gen(args.new_tokens), device, 1, reps)
+    return args.decode_batch * (args.new_tokens - 1) / ((tn - t1) / 1e3), t1
+
+
+def markdown(rows: list[dict], info: dict, args) -> str:
+    base = next((r for r in rows if r["model"] == "transformer"), None)
+    lines = [
+        f"### Language models: training and decoding throughput ({info['card']}, {info['date']})",
+        "",
+        f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
+        f"fla {info['fla']}; `python scripts/bench_lm.py`. Random weights, hidden {rows[0]['hidden']}, "
+        f"{rows[0]['layers']} layers, bf16 autocast. Training: {args.train_batch} x {args.train_len} tokens per "
+        f"step (forward, loss, backward, AdamW). Decoding: batch {args.decode_batch}, prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, greedy with the cache, prefill excluded. Ratios against Transformer++.",
+        "",
+        "| model | params | train tokens/s | vs Transformer++ | peak train GiB | decode tokens/s | vs Transformer++ "
+        "| prefill + 1 token ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tr = f"{r['train_tok_s'] / base['train_tok_s']:.2f}x" if base else "-"
+        de = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base else "-"
+        lines.append(f"| {LABELS[r['model']]} | {r['params'] / 1e6:.0f}M | {r['train_tok_s']:,.0f} | {tr} | "
+                     f"{r['peak_gib']:.1f} | {r['decode_tok_s']:,.0f} | {de} | {r['prefill_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--models", nargs="+", default=["mhla", "gla", "transformer"], choices=list(LABELS))
+    a("--train-batch", type=int, default=16)
+    a("--train-len", type=int, default=2048)
+    a("--decode-batch", type=int, default=16)
+    a("--prompt-len", type=int, default=512)
+    a("--new-tokens", type=int, default=128)
+    a("--warmup", type=int, default=3)
+    a("--reps", type=int, default=10)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--tiny", action="store_true", help="2-layer width-64 models, short sequences (CPU smoke run)")
+    a("--markdown", default=None, help="append the table to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if args.tiny:
+        args.train_batch, args.train_len, args.decode_batch = 2, 32, 2
+        args.prompt_len, args.new_tokens, args.warmup, args.reps = 16, 8, 1, 2
+    models = [m for m in args.models if m != "gla" or device.type == "cuda"]
+    if len(models) < len(args.models):
+        print("gla: skipped (fla's GLA kernels need CUDA)", flush=True)
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = build_model(name, TINY[name] if args.tiny else None).to(device)
+        cfg = model.config
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        train = bench_train(model, name, args, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        model.zero_grad(set_to_none=True)
+        decode, prefill = bench_decode(model, args, device)
+        rows.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), hidden=cfg.hidden_size,
+                         layers=cfg.num_hidden_layers, train_tok_s=train, peak_gib=peak, decode_tok_s=decode,
+                         prefill_ms=prefill))
+        print(f"{name}: train {train:,.0f} tok/s (peak {peak:.1f} GiB), decode {decode:,.0f} tok/s, "
+              f"prefill {prefill:.1f} ms [{time.time() - t0:.0f} s]", flush=True)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    info = dict(card=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "CPU",
+                date=datetime.date.today().isoformat(), torch=torch.__version__, triton=_version("triton"),
+                transformers=_version("transformers"), fla=_version("fla-core"))
+    text = markdown(rows, info, args)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + text)
+    return rows
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""scripts/bench_lm.py: the CPU smoke run measures both models and writes its table."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_lm", ROOT / "scripts" / "bench_lm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_lm_tiny(tmp_path):
+    md = tmp_path / "bench.md"
+    rows = _load().main(["--tiny", "--device", "cpu", "--models", "mhla", "transformer", "--markdown", str(md)])
+    assert [r["model"] for r in rows] == ["mhla", "transformer"]
+    for r in rows:
+        assert r["train_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["params"] > 0
+    text = md.read_text()
+    assert "| MHLA |" in text and "| Transformer++ (Llama, SDPA) | " in text and "1.00x" in text
