@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import mhla_nlp
 from mhla_nlp import MHLAConfig, MHLAForCausalLM, MHLAModel
+from mhla_nlp.models.mhla.modeling_mhla import output_cache
 
 ATOL = 1e-5
 
@@ -73,10 +74,10 @@ def test_prefill_decode_equals_full_forward():
         cache = Cache()
         out = model(ids[:, :13], cache=cache, use_cache=True)
         logits = [out.logits]
-        cache = out.cache
+        cache = output_cache(out)
         for t in range(13, 29):
             out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            cache = out.cache
+            cache = output_cache(out)
             logits.append(out.logits)
         assert cache[0]["recurrent_state"].offsets == (29, 29)
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=ATOL, rtol=1e-4)
@@ -163,7 +164,7 @@ def test_too_long_input_names_max_chunks():
         model(torch.randint(3, 100, (1, 64)))  # exactly max_chunks * chunk_size is fine
         with pytest.raises(ValueError, match="max_chunks"):
             model(torch.randint(3, 100, (1, 65)))
-        cache = model(torch.randint(3, 100, (1, 64)), cache=Cache(), use_cache=True).cache
+        cache = output_cache(model(torch.randint(3, 100, (1, 64)), cache=Cache(), use_cache=True))
         with pytest.raises(ValueError, match="max_chunks"):
             model(torch.randint(3, 100, (1, 1)), cache=cache, use_cache=True)
 
@@ -215,7 +216,7 @@ def test_beam_search_cached_equals_uncached():
 def test_cached_continuation_rejects_padding():
     model = tiny_model()
     with torch.no_grad():
-        cache = model(torch.randint(3, 100, (2, 5)), cache=Cache(), use_cache=True).cache
+        cache = output_cache(model(torch.randint(3, 100, (2, 5)), cache=Cache(), use_cache=True))
         mask = torch.ones(2, 7, dtype=torch.long)
         mask[0, -1] = 0
         with pytest.raises(ValueError, match="left padding"):
@@ -228,7 +229,7 @@ def test_chunked_continuation_equals_full_forward():
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :11], cache=Cache(), use_cache=True)
-        rest = model(ids[:, 11:], cache=out.cache, use_cache=True).logits  # chunk_mhla from a state
+        rest = model(ids[:, 11:], cache=output_cache(out), use_cache=True).logits  # chunk_mhla from a state
     torch.testing.assert_close(torch.cat([out.logits, rest], 1), full, atol=ATOL, rtol=1e-4)
 
 
@@ -251,10 +252,10 @@ def test_row_of_only_padding():
     mask[1] = 0
     with torch.no_grad():
         out = model(ids, attention_mask=mask, cache=Cache(), use_cache=True)
-        assert out.cache[0]["recurrent_state"].offsets == (12, 0, 12)
+        assert output_cache(out)[0]["recurrent_state"].offsets == (12, 0, 12)
         torch.testing.assert_close(out.logits[2], model(ids[2:3]).logits[0], atol=ATOL, rtol=1e-4)
         nxt = torch.randint(3, 100, (3, 1))
-        step = model(nxt, attention_mask=torch.ones(3, 13, dtype=torch.long), cache=out.cache, use_cache=True)
+        step = model(nxt, attention_mask=torch.ones(3, 13, dtype=torch.long), cache=output_cache(out), use_cache=True)
         torch.testing.assert_close(step.logits[1], model(nxt[1:2]).logits[0], atol=ATOL, rtol=1e-4)
         torch.testing.assert_close(
             step.logits[0], model(torch.cat([ids[0], nxt[0]])[None]).logits[0, -1:], atol=ATOL, rtol=1e-4

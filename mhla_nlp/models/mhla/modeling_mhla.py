@@ -1,7 +1,8 @@
 """MHLAModel / MHLAForCausalLM on fla's FLAPreTrainedModel, fla's Cache and transformers' GenerationMixin.
 
-transformers 5.x passes the cache to `forward` as `cache=` (fla 0.6.0's FLAModel still expects
-`past_key_values=`), so the two forwards here accept both names.
+Recent transformers releases name the cache `cache` (in `forward` and in the output classes), earlier 5.x
+releases and fla 0.6.0's FLAModel `past_key_values`; the forwards accept both names and the outputs use the
+installed release's field, also readable as `output_cache(out)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from mhla_nlp.layers.mhla import MHLAAttention, reshape_reference_mixing
 from mhla_nlp.models.mhla.configuration_mhla import MHLAConfig
 from mhla_nlp.modules import GatedMLP, RMSNorm
+
+# the installed transformers' name of the cache field of model outputs ("cache" or "past_key_values")
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out: Any) -> Cache | None:
+    """The cache of a model output, whatever the installed transformers calls the field."""
+    return getattr(out, CACHE_FIELD)
 
 
 class MHLABlock(GradientCheckpointingLayer):
@@ -166,7 +175,7 @@ class MHLAModel(MHLAPreTrainedModel):
             all_hidden += (hidden,)
         if not return_dict:
             return tuple(x for x in (hidden, cache, all_hidden) if x is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache, hidden_states=all_hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=all_hidden, **{CACHE_FIELD: cache})
 
 
 class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
@@ -220,9 +229,10 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
             out.last_hidden_state, labels=labels, logits_to_keep=logits_to_keep, num_items_in_batch=num_items
         )
         if not return_dict:
-            rest = tuple(x for x in (logits, out.cache, out.hidden_states) if x is not None)
+            rest = tuple(x for x in (logits, output_cache(out), out.hidden_states) if x is not None)
             return (loss, *rest) if loss is not None else rest
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{CACHE_FIELD: output_cache(out)})
 
     def _compute_logits_and_loss(self, hidden_states: torch.Tensor, labels=None, logits_to_keep=0, **kwargs):
         if hidden_states.is_cuda:
