@@ -123,7 +123,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--models", nargs="+", default=["mhla", "gla", "transformer"], choices=list(LABELS))
+    a("--models", nargs="+", default=["mhla", "transformer", "gla"], choices=list(LABELS))
     a("--train-batch", type=int, default=16)
     a("--train-len", type=int, default=2048)
     a("--decode-batch", type=int, default=16)
