@@ -3,14 +3,15 @@
 # weights fixed to 1) and softmax attention (Llama/SDPA), 4 layers, width 256, ~5.5M parameters each, on Python's own
 # documentation (pydoc topics + standard-library docstrings, ~2.3 MB; see mhla_nlp/corpus.py), byte-level
 # BPE 8192, rows of 512 tokens, SEEDS (default 0 1), STEPS (default 500) steps of 16 x 512 tokens.
-# Writes the validation-perplexity table to ${1:-runs/lm_small/table.md}.
+# Writes the validation-perplexity table to ${1:-runs/lm_small/table.md}. RUN_DIR (default runs/lm_small) holds
+# the corpus, the packed data and the runs; SMALL overrides the shared model fields (dry runs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
 RUN_DIR=${RUN_DIR:-runs/lm_small}
 STEPS=${STEPS:-500}
 SEEDS=${SEEDS:-0 1}
-SMALL="hidden_size=256 num_hidden_layers=4 vocab_size=8192"
+SMALL=${SMALL:-"hidden_size=256 num_hidden_layers=4 vocab_size=8192"}  # shared model fields (override for dry runs)
 [ -f $RUN_DIR/corpus/corpus.json ] || $PY -m mhla_nlp.corpus --out $RUN_DIR/corpus
 VAL=$($PY -c "import json; print(json.load(open('$RUN_DIR/corpus/corpus.json'))['val_docs'])")
 [ -d $RUN_DIR/data ] || $PY -m mhla_nlp.prepare_data --input $RUN_DIR/corpus/corpus.jsonl --tokenizer $RUN_DIR/corpus/tokenizer \
