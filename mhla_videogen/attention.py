@@ -41,12 +41,15 @@ class RotaryWithGrid(tuple):
         return obj
 
 
-def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved RoPE on x [B, N, H, D]; computed in float64 like the reference, returns fp32."""
-    x64 = x.double()
-    x1, x2 = x64.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2].to(x.device, torch.float64)
-    sin = freqs_sin[..., 1::2].to(x.device, torch.float64)
+def apply_wan_rope(
+    x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor, compute_dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Wan's interleaved RoPE on x [B, N, H, D], computed in `compute_dtype` (float64 like the reference);
+    returns fp32."""
+    xc = x.to(compute_dtype)
+    x1, x2 = xc.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2].to(x.device, compute_dtype)
+    sin = freqs_sin[..., 1::2].to(x.device, compute_dtype)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.float()
 
@@ -67,11 +70,25 @@ class BlockMixing(nn.Module):
         return self.conv.weight[:, :, 0, 0]
 
 
-class MHLAWanAttnProcessor:
-    """Processor of `MHLAWanAttention`: MHLA over block-major tokens of the (F, H, W) latent grid."""
+PRECISIONS = ("reference", "fast")
 
-    def __init__(self, backend: str = "auto") -> None:
+
+class MHLAWanAttnProcessor:
+    """Processor of `MHLAWanAttention`: MHLA over block-major tokens of the (F, H, W) latent grid.
+
+    Args:
+        backend: `mhla_core.mhla` backend ("auto": Triton on CUDA).
+        precision: "reference" (the authors' numerics: RoPE in float64, fp32 q, k, v into the operator) or
+            "fast" (RoPE in fp32, q, k, v cast to the hidden states' dtype before the operator, whose block
+            states still accumulate in fp32; for bf16 models this takes the operator's bf16 kernels).
+            Both keep the q/k RMSNorm, the feature map and the output RMSNorm in fp32.
+    """
+
+    def __init__(self, backend: str = "auto", precision: str = "reference") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.backend = backend
+        self.precision = precision
 
     def __call__(
         self,
@@ -101,9 +118,13 @@ class MHLAWanAttnProcessor:
         k = torch.relu(k) + FEATURE_EPS
         v = attn.to_v(hidden_states).float()
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
+        fast = self.precision == "fast"
         if rotary_emb is not None:
-            q = apply_wan_rope(q, *rotary_emb)
-            k = apply_wan_rope(k, *rotary_emb)
+            rope_dtype = torch.float32 if fast else torch.float64
+            q = apply_wan_rope(q, *rotary_emb, compute_dtype=rope_dtype)
+            k = apply_wan_rope(k, *rotary_emb, compute_dtype=rope_dtype)
+        if fast:
+            q, k, v = (t.to(dtype) for t in (q, k, v))
 
         layout = BlockLayout(tuple(grid), attn.block_layout)
         q, k, v = (layout.to_blocks(t) for t in (q, k, v))

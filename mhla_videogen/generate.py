@@ -82,8 +82,11 @@ def make_scheduler(kind: str, base_config: dict, flow_shift: float):
     raise ValueError(f"scheduler must be unipc, dpm or euler, got {kind!r}")
 
 
-def build_pipeline(model_dir, transformer_dir=None, scheduler="unipc", flow_shift=3.0, dtype=torch.bfloat16):
-    """`WanPipeline` from local folders, with the MHLA transformer (if given) in `dtype`, VAE in float32."""
+def build_pipeline(model_dir, transformer_dir=None, scheduler="unipc", flow_shift=3.0, dtype=torch.bfloat16,
+                   mhla_precision: str = "reference"):
+    """`WanPipeline` from local folders, with the MHLA transformer (if given) in `dtype`, VAE in float32.
+
+    `mhla_precision`: the MHLA processors' numerics, "reference" or "fast" (`MHLAWanAttnProcessor`)."""
     from diffusers import AutoencoderKLWan, WanPipeline
 
     from mhla_videogen.model import MHLAWanTransformer3DModel
@@ -93,6 +96,7 @@ def build_pipeline(model_dir, transformer_dir=None, scheduler="unipc", flow_shif
     if transformer_dir is not None:
         kwargs["transformer"] = MHLAWanTransformer3DModel.from_pretrained(
             check_transformer_dir(transformer_dir), dtype=dtype, local_files_only=True)
+        kwargs["transformer"].set_mhla_precision(mhla_precision)
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32,
                                            local_files_only=True)
     pipe = WanPipeline.from_pretrained(model_dir, vae=vae, dtype=dtype, local_files_only=True, **kwargs)
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--offload", action="store_true", help="model CPU offload (enable_model_cpu_offload) for small GPUs")
+    a("--mhla-precision", default="reference", choices=["reference", "fast"],
+      help="MHLA numerics: reference (float64 RoPE, fp32 operator inputs, as the authors) or fast (fp32 RoPE, "
+           "model-dtype operator inputs with fp32 state accumulation)")
     a("--max-sequence-length", type=int, default=512)
     a("--skip-existing", action="store_true", help="skip prompts whose output already exists (resume a prompt set)")
     a("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process takes prompts i %% world == rank")
@@ -187,7 +194,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     device = torch.device(args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available()
                                           else "cpu"))
     try:
-        pipe = build_pipeline(args.model, args.transformer, args.scheduler, args.flow_shift, getattr(torch, args.dtype))
+        pipe = build_pipeline(args.model, args.transformer, args.scheduler, args.flow_shift, getattr(torch, args.dtype),
+                              mhla_precision=args.mhla_precision)
     except MissingWeights as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -7,7 +7,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 from mhla_core import BlockLayout, block_distance_mixing
-from mhla_videogen.attention import MHLAWanAttention, RotaryWithGrid
+from mhla_videogen.attention import MHLAWanAttention, MHLAWanAttnProcessor, RotaryWithGrid
 
 MIXING_INITS = ("distance", "reference")
 REFERENCE_INIT = 1e-6  # the authors' effective start of g, g_norm and the mixing matrix (a positional slip)
@@ -116,6 +116,11 @@ class MHLAWanTransformer3DModel(WanTransformer3DModel):
                 if attn.g is not None:
                     attn.g.weight.fill_(REFERENCE_INIT)
                     attn.g.bias.zero_()
+
+    def set_mhla_precision(self, precision: str) -> None:
+        """Numerics of every MHLA processor: "reference" (default) or "fast" (see `MHLAWanAttnProcessor`)."""
+        for attn in self.mhla_attentions.values():
+            attn.set_processor(MHLAWanAttnProcessor(attn.processor.backend, precision))
 
     def mhla_state_keys(self) -> set[str]:
         """Names of the parameters that a softmax Wan checkpoint lacks."""

@@ -115,38 +115,42 @@ def run(args) -> tuple[list[dict], dict]:
     for kind in args.models:
         model = build(kind, cfg, device, dtype, tuple(args.block_layout))
         n_mhla = len(getattr(model.config, "mhla_layers", []) or [])
-        for shape in shapes:
-            lat = (1 + (shape[0] - 1) // 4, shape[1] // 8, shape[2] // 8)
-            x = torch.randn(1, cfg["in_channels"], *lat, generator=g).to(device, dtype)
+        for prec in ["reference"] if kind == "softmax" else args.mhla_precision:
+            if kind != "softmax":
+                model.set_mhla_precision(prec)
+            label = kind if prec == "reference" else f"{kind}-{prec}"
+            for shape in shapes:
+                lat = (1 + (shape[0] - 1) // 4, shape[1] // 8, shape[2] // 8)
+                x = torch.randn(1, cfg["in_channels"], *lat, generator=g).to(device, dtype)
 
-            def fwd(model=model, x=x):
-                with torch.no_grad():
-                    return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+                def fwd(model=model, x=x):
+                    with torch.no_grad():
+                        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
-            results = {}
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            for name, backend in (_sdpa_backends(cuda) if kind == "softmax" else [("mhla", None)]):
-                try:
-                    with _under(backend):
-                        results[name] = time_ms(fwd, device, args.warmup, args.reps)
-                except RuntimeError as e:  # a backend that does not support this shape / card, or out of memory
-                    print(f"{kind}/{name}/{shape}: skipped ({str(e).splitlines()[0][:100]})", file=sys.stderr)
+                results = {}
                 if cuda:
-                    torch.cuda.empty_cache()
-            if not results:
-                print(f"{kind} {shape}: no backend ran", file=sys.stderr)
-                continue
-            best = min(results, key=results.get)
-            ms = results[best]
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            rows.append(dict(model=kind, peak_gib=peak, shape=shape, tokens=lat[0] * (lat[1] // 2) * (lat[2] // 2),
-                             mhla_layers=n_mhla, backend=best, all_backends=results, forward_ms=ms,
-                             step_s=2 * ms / 1e3, video_s=2 * args.steps * ms / 1e3))
-            print(f"{kind:8s} {'x'.join(map(str, shape)):12s} {best:9s} {ms:10.1f} ms/forward "
-                  f"{2 * args.steps * ms / 1e3:8.1f} s/{args.steps}-step video"
-                  f"  (all: { {k: round(v, 1) for k, v in results.items()} })", flush=True)
-            del fwd, x
+                    torch.cuda.reset_peak_memory_stats()
+                for name, backend in (_sdpa_backends(cuda) if kind == "softmax" else [("mhla", None)]):
+                    try:
+                        with _under(backend):
+                            results[name] = time_ms(fwd, device, args.warmup, args.reps)
+                    except RuntimeError as e:  # a backend that does not support this shape / card, or out of memory
+                        print(f"{kind}/{name}/{shape}: skipped ({str(e).splitlines()[0][:100]})", file=sys.stderr)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                if not results:
+                    print(f"{kind} {shape}: no backend ran", file=sys.stderr)
+                    continue
+                best = min(results, key=results.get)
+                ms = results[best]
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                rows.append(dict(model=label, peak_gib=peak, shape=shape, tokens=lat[0] * (lat[1] // 2) * (lat[2] // 2),
+                                 mhla_layers=n_mhla, backend=best, all_backends=results, forward_ms=ms,
+                                 step_s=2 * ms / 1e3, video_s=2 * args.steps * ms / 1e3))
+                print(f"{label:12s} {'x'.join(map(str, shape)):12s} {best:9s} {ms:10.1f} ms/forward "
+                      f"{2 * args.steps * ms / 1e3:8.1f} s/{args.steps}-step video"
+                      f"  (all: { {k: round(v, 1) for k, v in results.items()} })", flush=True)
+                del fwd, x
         del model
         gc.collect()
         if cuda:
@@ -195,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--frames", type=int, default=81)
     a("--extra-shapes", type=parse_shape, nargs="*", default=[], metavar="FxHxW",
       help="more videos with the same models, e.g. 81x480x832 161x480x800")
+    a("--mhla-precision", nargs="+", default=["reference"], choices=["reference", "fast"],
+      help="MHLA processor numerics to time (fast: fp32 RoPE, bf16 operands into the kernel); rows 'full-fast' etc.")
     a("--block-layout", type=int, nargs=3, default=[3, 5, 10])
     a("--text-len", type=int, default=512)
     a("--steps", type=int, default=50)

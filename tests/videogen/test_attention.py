@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mhla_videogen.attention import MHLAWanAttention, RotaryWithGrid
+from mhla_videogen.attention import MHLAWanAttention, MHLAWanAttnProcessor, RotaryWithGrid
 from mhla_videogen.model import MHLAWanTransformer3DModel
 
 from .conftest import BLOCKS, TINY_WAN
@@ -122,3 +122,29 @@ def test_bf16_runs_with_fp32_state():
     ref = make_attn(True)(x, None, None, wan_rotary(grid))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("grid", [(4, 4, 6), (3, 5, 7)], ids=["divisible", "padded"])
+def test_fast_precision_matches_float64_brute_force(grid):
+    """precision="fast": fp32 RoPE and input-dtype operands; fp32 tolerance in fp32, bf16 tolerance in bf16."""
+    attn = make_attn(True, seed=1)
+    attn.set_processor(MHLAWanAttnProcessor(precision="fast"))
+    rotary = wan_rotary(grid)
+    x = torch.randn(2, math.prod(grid), DIM)
+    ref = brute(attn, x, grid, BLOCKS)
+    out = attn(x, None, None, rotary)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    attn16 = attn.to(torch.bfloat16)
+    ref16 = brute(attn16, x.bfloat16().float(), grid, BLOCKS)  # the same rounded weights and inputs, in float64
+    out16 = attn16(x.bfloat16(), None, None, rotary)
+    assert out16.dtype == torch.bfloat16
+    rel = (out16.double() - ref16).norm() / ref16.norm()
+    assert rel < 2e-2, rel
+
+
+def test_set_mhla_precision_and_bad_value():
+    model = MHLAWanTransformer3DModel(**TINY_WAN, mhla_layers="full")
+    model.set_mhla_precision("fast")
+    assert all(a.processor.precision == "fast" for a in model.mhla_attentions.values())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.set_mhla_precision("half")

@@ -23,3 +23,12 @@ def test_bench_tiny_cpu(tmp_path):
     cfg = bench.WAN_1_3B
     dims = (cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"])
     assert dims == (1536, 8960, 30)
+
+
+def test_bench_tiny_cpu_both_precisions(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_video", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--tiny", "--cpu", "--models", "softmax", "full", "--mhla-precision", "reference", "fast"])
+    assert [r["model"] for r in rows] == ["softmax", "full", "full-fast"]
+    assert rows[2]["speedup"] > 0 and rows[2]["mhla_layers"] == 3

@@ -12,7 +12,7 @@ def test_generate_tiny_end_to_end(tiny_pipeline_dir, capsys):
     paths = main(["--model", str(tiny_pipeline_dir / "wan"), "--transformer", str(tiny_pipeline_dir / "mhla"),
                   "--prompt", "a cat surfing a wave", "--prompt", "a red dog", "--out-dir", str(out),
                   "--height", "64", "--width", "96", "--frames", "5", "--steps", "2", "--cfg", "3.0",
-                  "--dtype", "float32", "--device", "cpu", "--max-sequence-length", "8"])
+                  "--dtype", "float32", "--device", "cpu", "--max-sequence-length", "8", "--mhla-precision", "fast"])
     assert len(paths) == 2
     for p in paths:
         if video_backend() is None:
