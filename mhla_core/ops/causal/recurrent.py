@@ -9,11 +9,20 @@ from mhla_core.ops.causal.state import MHLAState
 from mhla_core.ops.utils import accumulation_dtype, expand_mixing
 
 
-def _mixed_state(W_strict: torch.Tensor, chunk_states: torch.Tensor, chunk_idx: torch.Tensor) -> torch.Tensor:
-    """S~_i = sum_{j < i} W[i, j] S_j for each sequence's current chunk i: [B, H, Dk, Dv]."""
-    rows = W_strict[:, chunk_idx.clamp(max=W_strict.shape[-1] - 1)]  # [H, B, L]
-    rows = rows * (chunk_idx < W_strict.shape[-1]).view(1, -1, 1)
-    return torch.einsum("hbj,bhjkv->bhkv", rows, chunk_states)
+def _mixed_state(
+    W_strict: torch.Tensor, chunk_states: torch.Tensor, chunk_idx: torch.Tensor, n_used: int
+) -> torch.Tensor:
+    """S~_i = sum_{j < i} W[i, j] S_j for each sequence's current chunk i: [B, H, Dk, Dv].
+
+    Reads only the first `n_used` chunk slots (n_used >= every sequence's i); one batched GEMV over (b, h).
+    """
+    B, H, L, Dk, Dv = chunk_states.shape
+    if n_used == 0:
+        return chunk_states.new_zeros(B, H, Dk, Dv)
+    rows = W_strict[:, chunk_idx.clamp(max=L - 1)] * (chunk_idx < L).view(1, -1, 1)  # [H, B, L]
+    rows = rows[..., :n_used].transpose(0, 1).reshape(B * H, 1, n_used)
+    states = chunk_states[:, :, :n_used].reshape(B * H, n_used, Dk * Dv)
+    return torch.bmm(rows, states).view(B, H, Dk, Dv)
 
 
 def fused_recurrent_mhla_torch(
@@ -43,7 +52,7 @@ def fused_recurrent_mhla_torch(
     partial = initial_state.partial.to(acc)
     offsets = torch.tensor(initial_state.offsets, dtype=torch.long)  # host copy: no device syncs
     idx = (offsets // C).to(q.device)
-    mixed = _mixed_state(W_strict, chunk_states, idx)
+    mixed = _mixed_state(W_strict, chunk_states, idx, min(L, int(offsets.max()) // C) if B else 0)
     slots = torch.arange(L, device=q.device)
 
     outs = []
@@ -62,7 +71,8 @@ def fused_recurrent_mhla_torch(
             chunk_states = torch.where(store, partial.unsqueeze(2), chunk_states)
             partial = torch.where(fin.view(B, 1, 1, 1), torch.zeros_like(partial), partial)
             idx = (offsets // C).to(q.device)
-            mixed = torch.where(fin.view(B, 1, 1, 1), _mixed_state(W_strict, chunk_states, idx), mixed)
+            n_used = min(L, int(offsets.max()) // C)
+            mixed = torch.where(fin.view(B, 1, 1, 1), _mixed_state(W_strict, chunk_states, idx, n_used), mixed)
 
     o = torch.stack(outs, dim=1).to(v.dtype) if T else v.new_zeros(B, 0, H, Dv)
     final = MHLAState(chunk_states, partial, tuple(offsets.tolist()), C) if output_final_state else None
