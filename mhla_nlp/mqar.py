@@ -1,6 +1,7 @@
 """MQAR (multi-query associative recall, Zoology): MHLA vs linear attention vs softmax vs GLA, 2-layer models.
 
-    python -m mhla_nlp.mqar --out runs/mqar            # full sweep (CUDA; ~10 min on one H200)
+    python -m mhla_nlp.mqar --out runs/mqar            # full sweep (CUDA)
+    python -m mhla_nlp.mqar --out runs/mqar --max-steps 300 --mhla-backend torch
     python -m mhla_nlp.mqar --tiny --out /tmp/mqar     # seconds on CPU (tests)
 
 The generator follows Zoology's `_mqar` (zoology/data/associative_recall.py): per example,
@@ -23,6 +24,13 @@ Models (matched width d_model, 2 layers, 2 heads, fla's GatedMLP width for every
 Each (model, d_model, T) is trained from scratch on its own data with kv pairs = T / 16 (Zoology's
 proportional setting) and scored by accuracy over the labelled positions of the test set. The best
 learning rate of `--lrs` is reported. Outputs in `--out`: results.jsonl, table.md, mqar.svg.
+
+Only T / 16 positions carry a label, so the loss and the accuracy run the backbone
+(`model.model`) and apply `lm_head` at the labelled positions only (`labelled_logits`); this is the
+same mean cross entropy as the full-vocabulary logits with ignore_index -100, without the
+[B, T, V] logits. `--mhla-backend` (default `torch`) picks the MHLA kernels of the mhla / linear
+models: the vectorised PyTorch chunks have no compile step, while `triton` / `auto` (Triton on
+CUDA) compile each new (chunk size, head dim) first. `--max-steps` caps the optimizer steps of a run.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch
 import torch.nn as nn
 
 MODELS = ("mhla", "linear", "softmax", "gla")
+MHLA_BACKENDS = ("auto", "torch", "triton")
 
 
 def mqar_data(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: int, seed: int,
@@ -71,7 +80,30 @@ def mqar_data(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: in
     return inputs, labels
 
 
-def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num_heads: int = 2) -> nn.Module:
+def set_mhla_backend(model: nn.Module, backend: str) -> int:
+    """Set `backend` on every MHLAAttention layer of `model`; returns how many layers were set."""
+    from mhla_nlp.layers.mhla import MHLAAttention
+
+    if backend not in MHLA_BACKENDS:
+        raise ValueError(f"mhla backend must be one of {MHLA_BACKENDS}, got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, MHLAAttention)]
+    for m in layers:
+        m.backend = backend
+    return len(layers)
+
+
+def resolved_backend(name: str, mhla_backend: str, device: torch.device) -> str:
+    """The attention implementation a run uses: MHLA's resolved kernel backend, else the library's."""
+    if name in ("mhla", "linear"):
+        from mhla_core.ops.causal import chunk_mhla_triton
+        from mhla_core.ops.utils import resolve_backend
+
+        return resolve_backend(mhla_backend, device, chunk_mhla_triton is not None)
+    return {"softmax": "sdpa", "gla": "fla"}[name]
+
+
+def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num_heads: int = 2,
+                     mhla_backend: str = "torch") -> nn.Module:
     inter = int(d_model * 4 * 2 / 3)
     inter = 256 * ((inter + 255) // 256)  # fla GatedMLP's width for hidden_ratio 4
     if name in ("mhla", "linear"):
@@ -82,6 +114,7 @@ def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num
         model = MHLAForCausalLM(MHLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
                                            vocab_size=vocab_size, chunk_size=chunk, max_chunks=seq_len // chunk,
                                            tie_word_embeddings=False, fuse_cross_entropy=False))
+        set_mhla_backend(model, mhla_backend)
         return freeze_linear_mixing(model) if name == "linear" else model
     if name == "softmax":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,8 +133,22 @@ def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
-def _logits(model, x):
-    return model(input_ids=x, use_cache=False).logits
+def labelled_logits(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [n, V], targets [n]) at the n labelled positions (y != -100) of x [B, T].
+
+    Runs the backbone (`model.model`: MHLAModel, LlamaModel, fla's GLAModel) for the last hidden
+    state and applies `model.lm_head` only where a label is, instead of the [B, T, V] logits.
+    """
+    out = model.model(input_ids=x, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = y != -100
+    return model.lm_head(hidden[mask]), y[mask]
+
+
+def labelled_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the labelled positions (= full-logits CE with ignore_index -100)."""
+    logits, targets = labelled_logits(model, x, y)
+    return nn.functional.cross_entropy(logits.float(), targets)
 
 
 @torch.no_grad()
@@ -111,10 +158,9 @@ def accuracy(model, inputs, labels, batch_size: int, device, amp) -> float:
     for b in range(0, len(inputs), batch_size):
         x, y = inputs[b: b + batch_size].to(device), labels[b: b + batch_size].to(device)
         with amp:
-            pred = _logits(model, x).argmax(-1)
-        mask = y != -100
-        right += int((pred[mask] == y[mask]).sum())
-        total += int(mask.sum())
+            logits, targets = labelled_logits(model, x, y)
+        right += int((logits.argmax(-1) == targets).sum())
+        total += targets.numel()
     model.train()
     return right / max(total, 1)
 
@@ -122,23 +168,26 @@ def accuracy(model, inputs, labels, batch_size: int, device, amp) -> float:
 def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
     (xtr, ytr), (xte, yte) = data
     torch.manual_seed(args.seed)
-    model = build_mqar_model(name, d_model, seq_len, args.vocab_size).to(device)
+    model = build_mqar_model(name, d_model, seq_len, args.vocab_size, mhla_backend=args.mhla_backend).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.98))
     steps = args.epochs * math.ceil(len(xtr) / args.batch_size)
+    if args.max_steps is not None:
+        steps = min(steps, args.max_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     gen = torch.Generator().manual_seed(args.seed)
     t0, step = time.time(), 0
     model.train()
-    for _ in range(args.epochs):
+    while step < steps:
         perm = torch.randperm(len(xtr), generator=gen)
         for b in range(0, len(xtr), args.batch_size):
+            if step == steps:
+                break
             idx = perm[b: b + args.batch_size]
             x, y = xtr[idx].to(device), ytr[idx].to(device)
             with amp:
-                logits = _logits(model, x)
-            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+                loss = labelled_loss(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -146,11 +195,15 @@ def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
             if hasattr(model, "constrain_mixing"):
                 model.constrain_mixing()
             step += 1
+    final_loss = loss.item()  # waits for the device
+    train_s = time.time() - t0
     acc = accuracy(model, xte, yte, args.batch_size, device, amp)
     return dict(model=name, d_model=d_model, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 16), lr=lr, steps=step,
-                loss=round(loss.item(), 4), accuracy=round(acc, 4),
+                loss=round(final_loss, 4), accuracy=round(acc, 4),
                 chunk_size=max(1, seq_len // 16) if name in ("mhla", "linear") else None,
-                params=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1))
+                backend=resolved_backend(name, args.mhla_backend, device),
+                params=sum(p.numel() for p in model.parameters()), step_ms=round(1000 * train_s / max(step, 1), 1),
+                seconds=round(time.time() - t0, 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,11 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train-examples", type=int, default=20000)
     a("--test-examples", type=int, default=1000)
     a("--epochs", type=int, default=4)
+    a("--max-steps", type=int, default=None,
+      help="cap on optimizer steps per run (the OneCycle schedule spans min(epochs * batches, max-steps))")
     a("--batch-size", type=int, default=128)
     a("--lrs", nargs="+", type=float, default=[1e-3])
     a("--power-a", type=float, default=0.01)
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--mhla-backend", default="torch", choices=MHLA_BACKENDS,
+      help="MHLA kernels of the mhla / linear models: torch (vectorised chunks, no compile step; default), "
+           "triton (Triton kernels, compiled per chunk size and head dim) or auto (triton on CUDA)")
     a("--tiny", action="store_true", help="CPU smoke run: d 16, T 32, vocab 64, 64 examples, 2 epochs")
     return p
 
@@ -224,6 +282,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.tiny:
         args.d_models, args.seq_lens, args.vocab_size = [16], [32], 64
         args.train_examples, args.test_examples, args.epochs, args.batch_size = 64, 32, 2, 32
+    if args.epochs < 1 or args.train_examples < 1 or (args.max_steps is not None and args.max_steps < 1):
+        raise ValueError(f"need epochs, train examples and max steps >= 1 (got epochs={args.epochs}, "
+                         f"train_examples={args.train_examples}, max_steps={args.max_steps})")
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

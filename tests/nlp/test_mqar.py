@@ -1,12 +1,15 @@
-"""MQAR: the generator's structure (Zoology's _mqar) and the --tiny sweep on CPU."""
+"""MQAR: the generator's structure (Zoology's _mqar), the labelled-positions loss and the --tiny sweep on CPU."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+import torch.nn as nn
 
-from mhla_nlp.mqar import main, mqar_data
+from mhla_nlp.layers.mhla import MHLAAttention
+from mhla_nlp.mqar import build_mqar_model, labelled_logits, labelled_loss, main, mqar_data, set_mhla_backend
 
 
 def test_generator_structure():
@@ -30,12 +33,53 @@ def test_power_law_gaps_favour_short_distances():
     assert float(gaps.float().median()) < 30  # uniform over 124 slots would give ~62
 
 
+@pytest.mark.parametrize("name", ["mhla", "softmax"])
+def test_labelled_logits_match_full_logits_loss_and_grad(name):
+    V, T, kv = 64, 32, 2
+    x, y = mqar_data(V, 6, T, kv, seed=1)
+    torch.manual_seed(0)
+    model = build_mqar_model(name, 16, T, V).float().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    full = nn.functional.cross_entropy(model(input_ids=x, use_cache=False).logits.flatten(0, 1), y.flatten(),
+                                       ignore_index=-100)
+    g_full = torch.autograd.grad(full, params)
+    logits, targets = labelled_logits(model, x, y)
+    assert logits.shape == (6 * kv, V) and torch.equal(targets, y[y != -100])
+    loss = labelled_loss(model, x, y)
+    g_lab = torch.autograd.grad(loss, params)
+
+    assert abs(loss.item() - full.item()) < 1e-6
+    for a, b in zip(g_full, g_lab):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert any(a.abs().sum() > 0 for a in g_full)
+
+
+def test_mhla_backend_set_on_every_layer():
+    model = build_mqar_model("linear", 16, 32, 64, mhla_backend="triton")
+    layers = [m for m in model.modules() if isinstance(m, MHLAAttention)]
+    assert len(layers) == 2 and all(m.backend == "triton" for m in layers)
+    assert set_mhla_backend(model, "torch") == 2 and all(m.backend == "torch" for m in layers)
+    with pytest.raises(ValueError, match="backend"):
+        set_mhla_backend(model, "cuda")
+
+
+def test_max_steps_caps_the_run(tmp_path):
+    rows = main(["--tiny", "--out", str(tmp_path), "--models", "mhla", "softmax", "--max-steps", "3",
+                 "--mhla-backend", "torch"])
+    assert [r["steps"] for r in rows] == [3, 3]  # --tiny alone gives 2 epochs x 2 batches = 4
+    assert {r["model"]: r["backend"] for r in rows} == {"mhla": "torch", "softmax": "sdpa"}
+    with pytest.raises(ValueError, match="max steps"):
+        main(["--tiny", "--out", str(tmp_path), "--models", "softmax", "--max-steps", "0"])
+
+
 def test_tiny_sweep_writes_table_and_plot(tmp_path):
     rows = main(["--tiny", "--out", str(tmp_path), "--models", "mhla", "linear", "softmax", "gla"])
     gla = {"gla"} if torch.cuda.is_available() else set()
     assert {r["model"] for r in rows} == {"mhla", "linear", "softmax"} | gla
     mhla = next(r for r in rows if r["model"] == "mhla")
     assert mhla["chunk_size"] == 2 and 0 <= mhla["accuracy"] <= 1
+    assert mhla["steps"] == 4 and mhla["backend"] == "torch" and mhla["step_ms"] > 0
     assert "| mhla | 16 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "mqar.svg").read_text().startswith("<svg")
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
