@@ -3,6 +3,7 @@
     python -m mhla_videogen.train --config mhla_videogen/configs/wan_hybrid.yaml \\
         --init-wan WAN_DIFFUSERS_DIR/transformer --data LATENT_DIR --output runs/wan_hybrid
     torchrun --nproc_per_node 8 -m mhla_videogen.train --config ... (DDP)
+    torchrun --nproc_per_node 8 -m mhla_videogen.train --config ... --fsdp (FSDP2: sharded weights and optimizer)
 
 The model is `--init-mhla DIR` (an MHLA model folder) or built from the softmax `--init-wan DIR` with
 `--layers hybrid|full` (`from_wan`: every Wan weight reused, MHLA parameters from `--mixing-init`).
@@ -18,6 +19,10 @@ Exact resume: every random draw of step `i` (batch order, noise, s, dropout) com
 written atomically every `--checkpoint-every` steps and at the end, `{output}/final/` is a model folder for
 `python -m mhla_videogen.generate --transformer` (`final_ema/` too with `--ema-decay`). Metrics go to stdout,
 `{output}/log.jsonl` and, with `--log-wandb`, wandb.
+
+`--fsdp` (world > 1) shards every transformer block and then the root with FSDP2 `fully_shard` instead of
+wrapping the model in DDP. Checkpoints are still full, unsharded state dicts (the optimizer state keyed by
+parameter name), so either path resumes from the other's checkpoints and `final/` loads without FSDP.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16", "none"], help="autocast on CUDA")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     a("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (e.g. 0.9999); 0 = off")
+    a("--fsdp", action="store_true",
+      help="under torchrun (world > 1): shard weights, gradients, optimizer state and EMA with FSDP2 instead of "
+           "DDP; on CUDA the gathered weights are in --amp-dtype (fp32 with --amp-dtype none) and gradients are "
+           "reduced in fp32. Ignored, with a notice, in a single process")
     a("--log-wandb", action="store_true", help="log to wandb (offline without credentials)")
     a("--seed", type=int, default=0)
     a("--log-interval", type=int, default=10)
@@ -195,19 +204,38 @@ class EMA:
             if k in self.shadow:
                 self.shadow[k].lerp_(v.float(), 1 - self.decay)
 
-    def save(self, path: Path, step: int) -> None:
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The shadow as full CPU tensors; sharded (FSDP) entries are all-gathered, so every rank must call it."""
+        return {k: _full_tensor(v).cpu().contiguous() for k, v in self.shadow.items()}
+
+    def save(self, path: Path, step: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `state` (default: `full_state()`) as safetensors, atomically."""
         from safetensors.torch import save_file
 
         from mhla_core.checkpoint import atomic_write
 
-        state = {k: v.cpu().contiguous() for k, v in self.shadow.items()}
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"step": str(step), "decay": str(self.decay)}))
+        state = self.full_state() if state is None else state
+        meta = {"step": str(step), "decay": str(self.decay)}
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
     def load(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        for k, v in load_file(str(path)).items():
-            self.shadow[k].copy_(v)
+        if not any(_is_dtensor(v) for v in self.shadow.values()):
+            for k, v in load_file(str(path)).items():
+                self.shadow[k].copy_(v)
+            return
+        # sharded: rank 0 reads the file and scatters (DTensors) or broadcasts (buffers) every entry
+        from torch.distributed.tensor import distribute_tensor
+
+        full = load_file(str(path)) if dist.get_rank() == 0 else {}
+        for k, v in self.shadow.items():
+            src = (full[k] if full else torch.empty(v.shape, dtype=v.dtype)).to(v.device)
+            if _is_dtensor(v):
+                v.copy_(distribute_tensor(src, v.device_mesh, v.placements, src_data_rank=0))
+            else:
+                dist.broadcast(src, 0)
+                v.copy_(src)
 
 
 @torch.no_grad()
@@ -220,9 +248,91 @@ def constrain_mixing(model: nn.Module, kind: str) -> None:
 
 
 
+# ---------------------------------------------------------------------------------------------------- FSDP
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t`, all-gathered if it is a DTensor (a collective: every rank calls it)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def shard_model(model: nn.Module, device: torch.device, amp_dtype: str) -> nn.Module:
+    """FSDP2 over all ranks: `fully_shard` each of `model.blocks`, then the root (the remaining parameters).
+
+    On CUDA (unless `amp_dtype` is "none") the all-gathered weights are in `amp_dtype` and gradients are reduced
+    in fp32; the sharded master weights stay fp32. Forward inputs are not cast (autocast picks the op dtypes as
+    with DDP, and the rotary tuple that carries the token grid passes through untouched)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    if device.type == "cuda" and amp_dtype != "none":
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, amp_dtype), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    else:
+        mp = MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def rekey_optimizer_state(state: dict, names: list[str], by_name: bool) -> dict:
+    """An optimizer state dict re-keyed by parameter name (`by_name`, the FSDP checkpoints) or by index (the
+    format of `Optimizer.state_dict`); `names` are the optimizer's parameters in order. Returned as is if
+    already keyed that way."""
+    params = [p for group in state["param_groups"] for p in group["params"]]
+    if not params or isinstance(params[0], str) == by_name:
+        return state
+    key = dict(enumerate(names)) if by_name else {n: i for i, n in enumerate(names)}
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[p] for p in g["params"]]} for g in state["param_groups"]]}
+
+
+def param_names(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Names of `params` in `model`, in order."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for p in params]
+
+
+def fsdp_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights, optimizer state) of a sharded model as full CPU state dicts on rank 0 (empty elsewhere); the
+    optimizer state is keyed by parameter name. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def fsdp_load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
+    """Load full state dicts (read on rank 0; `{}` elsewhere) into a sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim, options=opts)
+
+
 def run(args: argparse.Namespace) -> dict:
     rank, world, device = init_distributed(args.device)
     main = rank == 0
+    fsdp = args.fsdp and world > 1
+    if args.fsdp and not fsdp:
+        print("--fsdp ignored: a single process trains the unsharded model", flush=True)
     if args.data is None:
         raise SystemExit("--data (a folder from python -m mhla_videogen.extract) is required")
     ds = LatentDataset(args.data)
@@ -233,20 +343,37 @@ def run(args: argparse.Namespace) -> dict:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     params = select_trainable(model, args.train_params)
+    model_cls = type(model)
+    if fsdp:  # fully_shard swaps in sharded (DTensor) parameters: the optimizer takes those
+        model = shard_model(model, device, args.amp_dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
+    names = param_names(model, params)
     step = 0
     ema = EMA(model, args.ema_decay) if args.ema_decay else None
     if args.resume:
         if not (out / "last_state.pt").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-        state = load_state(out / "last_state.pt")
-        load_weights(model, out / "last.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        if fsdp:  # rank 0 reads the full checkpoint, every rank keeps its shard
+            from safetensors.torch import load_file
+
+            state = load_state(out / "last_state.pt") if main else {}
+            weights = load_file(str(out / "last.safetensors")) if main else {}
+            optim = rekey_optimizer_state(state["optimizer"], names, by_name=True) if main else {}
+            fsdp_load_full_state(model, optimizer, weights, optim)
+            del weights, optim
+            box = [state.get("step")]
+            dist.broadcast_object_list(box, src=0)
+            step = box[0]
+        else:
+            state = load_state(out / "last_state.pt")
+            load_weights(model, out / "last.safetensors")
+            optimizer.load_state_dict(rekey_optimizer_state(state["optimizer"], names, by_name=False))
+            step = state["step"]
         if ema is not None:
             ema.load(out / "last_ema.safetensors")
-    if world > 1:
+    if world > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = (torch.autocast("cuda", dtype=getattr(torch, args.amp_dtype))
            if device.type == "cuda" and args.amp_dtype != "none" else nullcontext())
@@ -260,14 +387,32 @@ def run(args: argparse.Namespace) -> dict:
         n_train = sum(p.numel() for p in params)
         print(f"MHLA Wan ({unwrap(model).config.mhla_layers} MHLA layers): {n_all / 1e6:.1f}M params, "
               f"{n_train / 1e6:.1f}M trained, {len(ds)} clips, {total} steps x {args.batch_size} x {world}, "
-              f"device {device}", flush=True)
+              f"device {device}" + (", FSDP" if fsdp else ""), flush=True)
 
-    def checkpoint():
+    def checkpoint() -> tuple[dict, dict | None]:
+        """Write last.safetensors, last_state.pt (and last_ema.safetensors). Under FSDP every rank takes part and
+        rank 0 gets the full weights and EMA weights back."""
+        if fsdp:
+            from safetensors.torch import save_file
+
+            from mhla_core.checkpoint import atomic_write
+
+            weights, optim = fsdp_full_state(model, optimizer)
+            shadow = ema.full_state() if ema is not None else None
+            if main:
+                weights = {k: v.contiguous() for k, v in weights.items()}
+                atomic_write(out / "last.safetensors",
+                             lambda tmp: save_file(weights, tmp, metadata={"step": str(step)}))
+                if ema is not None:
+                    ema.save(out / "last_ema.safetensors", step, shadow)
+                save_state({"optimizer": optim, "step": step}, out / "last_state.pt")
+            return weights, shadow
         if main:
             save_weights(model, out / "last.safetensors", {"step": str(step)})
             if ema is not None:
                 ema.save(out / "last_ema.safetensors", step)
             save_state({"optimizer": optimizer.state_dict(), "step": step}, out / "last_state.pt")
+        return {}, None if ema is None else ema.shadow
 
     metrics: dict = {}
     t0, start = time.time(), step
@@ -286,6 +431,7 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip else torch.tensor(0.0)
+        grad_norm = _full_tensor(grad_norm)  # FSDP: a DTensor of the global norm
         optimizer.step()
         constrain_mixing(model, args.mixing_constraint)
         if ema is not None:
@@ -308,13 +454,16 @@ def run(args: argparse.Namespace) -> dict:
                 wandb.log(metrics, step=step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()
-    checkpoint()
+    weights, shadow = checkpoint()
+    final = unwrap(model)
     if main:
-        unwrap(model).save_pretrained(out / "final")
+        if fsdp:  # save from an unsharded copy of the model (rank 0 only)
+            final = model_cls.from_config(final.config)
+            final.load_state_dict(weights, assign=True)
+        final.save_pretrained(out / "final")
         if ema is not None:  # final_ema/: the same model with the EMA weights
-            final = unwrap(model)
-            backup = {k: v.detach().clone() for k, v in final.state_dict().items() if k in ema.shadow}
-            final.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.shadow.items()}, strict=False)
+            backup = {k: v.detach().clone() for k, v in final.state_dict().items() if k in shadow}
+            final.load_state_dict({k: v.to(backup[k].dtype) for k, v in shadow.items()}, strict=False)
             final.save_pretrained(out / "final_ema")
             final.load_state_dict(backup, strict=False)
         log.close()
@@ -322,7 +471,7 @@ def run(args: argparse.Namespace) -> dict:
             wandb.finish()
     if world > 1:
         dist.destroy_process_group()
-    return {**metrics, "step": step, "model": unwrap(model)}
+    return {**metrics, "step": step, "model": final}  # under FSDP: rank 0's unsharded copy
 
 
 
