@@ -17,7 +17,6 @@ import argparse
 import datetime
 import gc
 import platform
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_nlp.train import _constrain, build_model  # noqa: E402
+from scripts.bench_timing import time_ms  # noqa: E402
 
 TINY = {
     "mhla": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=256, chunk_size=8, max_chunks=8),
@@ -36,26 +36,6 @@ TINY = {
                         intermediate_size=128, vocab_size=256, max_position_embeddings=64),
 }
 LABELS = {"mhla": "MHLA", "gla": "GLA (fla)", "transformer": "Transformer++ (Llama, SDPA)"}
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of `fn()` over `reps` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench_train(model, name: str, args, device: torch.device) -> float:

@@ -19,15 +19,14 @@ import argparse
 import datetime
 import gc
 import platform
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.bench_timing import time_ms  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -51,26 +50,6 @@ def _under(backend):
     from torch.nn.attention import sdpa_kernel
 
     return sdpa_kernel(backend)
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median milliseconds of `fn()` over `reps` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def build(kind: str, cfg: dict, device: torch.device, dtype: torch.dtype, block_layout):
