@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -31,3 +33,13 @@ def init_wandb(project: str, name: str | None, out: str | Path, config: dict):
 
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(project=project, name=name, dir=str(out), mode=mode, config=config)
+
+
+def log_metrics(metrics: dict, log: TextIO, wandb=None, step: int | None = None) -> None:
+    """One training-log record: a JSON line on stdout and in `log` (flushed), and to wandb when given."""
+    line = json.dumps(metrics)
+    print(line, flush=True)
+    log.write(line + "\n")
+    log.flush()
+    if wandb:
+        wandb.log(metrics, step=step)

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, load_yaml, parse_with_config
-from mhla_core.distributed import init_distributed, init_wandb
+from mhla_core.distributed import init_distributed, init_wandb, log_metrics
 from mhla_dit.checkpoints import init_from, model_metadata
 from mhla_dit.data import LatentDataset
 from mhla_dit.diffusion import Diffusion
@@ -196,11 +196,7 @@ def run(args: argparse.Namespace) -> dict:
                     eta = (total - step) * args.global_batch_size / max(rate, 1e-9)
                     metrics = dict(step=step, epoch=epoch, loss=avg[0], mse=avg[1], vb=avg[2],
                                    img_per_s=round(rate, 1), eta_min=round(eta / 60, 1))
-                    print(json.dumps(metrics), flush=True)
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    if wandb:
-                        wandb.log(metrics, step=step)
+                    log_metrics(metrics, log, wandb, step)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or (
                     args.keep_every and step % args.keep_every == 0):
                 checkpoint()

@@ -34,7 +34,7 @@ import mhla_image_classification  # noqa: F401  (registers the models with timm)
 from mhla_core import constrain_mixing
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
-from mhla_core.distributed import init_distributed, init_wandb
+from mhla_core.distributed import init_distributed, init_wandb, log_metrics
 from mhla_image_classification.data import SeededDataset, build_transforms, check_split, eval_loader, train_loader
 from mhla_image_classification.evaluate import evaluate
 from mhla_image_classification.models import MODEL_NAMES
@@ -201,10 +201,7 @@ def run(args: argparse.Namespace) -> dict:
                 eta = (total - step) * args.batch_size * world / max(rate, 1e-9)
                 metrics = dict(step=step, epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"],
                                img_per_s=round(rate, 1), eta_min=round(eta / 60, 1))
-                print(json.dumps(metrics), flush=True)
-                log.write(json.dumps(metrics) + "\n")
-                if wandb:
-                    wandb.log(metrics, step=step)
+                log_metrics(metrics, log, wandb, step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 checkpoint()
             if step >= total or step % updates_per_epoch == 0:

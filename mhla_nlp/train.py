@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import ParseKwargs, dump_yaml, parse_with_config
-from mhla_core.distributed import init_distributed, init_wandb
+from mhla_core.distributed import init_distributed, init_wandb, log_metrics
 
 MODELS = ("mhla", "linear", "gla", "transformer")
 # the paper's 340M width and depth; --model-kwargs override any field
@@ -276,11 +276,7 @@ def run(args: argparse.Namespace) -> dict:
             metrics = dict(step=step, loss=round(loss_sum, 5), lr=optimizer.param_groups[0]["lr"],
                            grad_norm=round(float(gnorm), 4) if gnorm is not None else None,
                            tokens=step * tokens_per_step, tok_per_s=round(rate, 1), eta_min=round(eta / 60, 1))
-            print(json.dumps(metrics), flush=True)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if wandb:
-                wandb.log(metrics, step=step)
+            log_metrics(metrics, log, wandb, step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()
         if val_ds is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_steps and main:

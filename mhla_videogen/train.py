@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from mhla_core.checkpoint import load_state, load_weights, save_state, save_weights, unwrap
 from mhla_core.config import dump_yaml, parse_with_config
-from mhla_core.distributed import init_distributed, init_wandb
+from mhla_core.distributed import init_distributed, init_wandb, log_metrics
 
 MIXING_CONSTRAINTS = ("none", "clamp01")
 
@@ -447,11 +446,7 @@ def run(args: argparse.Namespace) -> dict:
             metrics = dict(step=step, loss=round(loss_mean.item(), 6), grad_norm=round(float(grad_norm), 4), lr=lr,
                            steps_per_s=round(rate, 4), clips_per_s=round(rate * args.batch_size * world, 3),
                            eta_min=round((total - step) / max(rate, 1e-9) / 60, 1))
-            print(json.dumps(metrics), flush=True)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            if wandb:
-                wandb.log(metrics, step=step)
+            log_metrics(metrics, log, wandb, step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()
     weights, shadow = checkpoint()
