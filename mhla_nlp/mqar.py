@@ -14,19 +14,19 @@ uses `seed`, test data `seed + 10`, as in Zoology. The numpy calls are made in Z
 `RandomState(seed)`, so keys, values and gaps equal Zoology's for the same seed; the filler tokens
 come from a seeded torch generator (Zoology uses torch's global RNG).
 
-Models (matched width d_model, 2 layers, 2 heads, fla's GatedMLP width for every model):
-- `mhla`: MHLA with chunk size T / 16 (16 chunks) and one mixing matrix per layer;
-- `linear`: the same layer with every mixing weight fixed to 1 (frozen): plain causal linear
-  attention with ReLU features, rotary and the output gate (mathematically the layer with one chunk;
-  the chunking is kept because the Triton kernels hold a chunk x chunk tile, too big for one chunk of T);
-- `softmax`: transformers' Llama with SDPA (Transformer++);
-- `gla`: fla's GLA (needs CUDA; skipped with a message on CPU).
-Each (model, d_model, T) is trained from scratch on its own data with kv pairs = T / 16 (Zoology's
-proportional setting) and scored by accuracy over the labelled positions of the test set. The best
-learning rate of `--lrs` is reported. Outputs in `--out`: results.jsonl, table.md, mqar.svg.
+Models: Zoology's 2-layer frame (`mhla_nlp.mqar_model`): embeddings, a gated short convolution
+(layer 0), the mixer under test (layer 1), no MLP, tied output head; matched width d_model, 2 heads.
+Mixers: `mhla` (MHLAAttention, chunk size T / 16 = 16 chunks, one learned mixing matrix), `linear`
+(the same layer with every mixing weight fixed to 1), `softmax` (causal SDPA attention), `gla`
+(fla's GatedLinearAttention; CUDA only, skipped with a message on CPU). Each (model, d_model, T) is
+trained from scratch on its own data with kv pairs = T / 16 and scored by accuracy over the
+labelled positions of the test set; the best learning rate of `--lrs` (Zoology sweeps 1e-3 to
+3e-2) is reported. `--jobs N` trains N runs at once in worker processes (small models leave a
+GPU mostly idle, so runs in parallel share it well). Outputs in `--out`: results.jsonl, best.json,
+table.md, mqar.svg.
 
 Only T / 16 positions carry a label, so the loss and the accuracy run the backbone
-(`model.model`) and apply `lm_head` at the labelled positions only (`labelled_logits`); this is the
+(`model.hidden`) and apply `lm_head` at the labelled positions only (`labelled_logits`); this is the
 same mean cross entropy as the full-vocabulary logits with ignore_index -100, without the
 [B, T, V] logits. `--mhla-backend` (default `torch`) picks the MHLA kernels of the mhla / linear
 models: the vectorised PyTorch chunks have no compile step, while `triton` / `auto` (Triton on
@@ -47,7 +47,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-MODELS = ("mhla", "linear", "softmax", "gla")
+from mhla_nlp.mqar_model import MIXERS, build_mqar_model
+
+MODELS = MIXERS
 MHLA_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -102,45 +104,13 @@ def resolved_backend(name: str, mhla_backend: str, device: torch.device) -> str:
     return {"softmax": "sdpa", "gla": "fla"}[name]
 
 
-def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num_heads: int = 2,
-                     mhla_backend: str = "torch") -> nn.Module:
-    inter = int(d_model * 4 * 2 / 3)
-    inter = 256 * ((inter + 255) // 256)  # fla GatedMLP's width for hidden_ratio 4
-    if name in ("mhla", "linear"):
-        from mhla_nlp import MHLAConfig, MHLAForCausalLM
-        from mhla_nlp.train import freeze_linear_mixing
-
-        chunk = max(1, seq_len // 16)
-        model = MHLAForCausalLM(MHLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
-                                           vocab_size=vocab_size, chunk_size=chunk, max_chunks=seq_len // chunk,
-                                           tie_word_embeddings=False, fuse_cross_entropy=False))
-        set_mhla_backend(model, mhla_backend)
-        return freeze_linear_mixing(model) if name == "linear" else model
-    if name == "softmax":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaForCausalLM(LlamaConfig(hidden_size=d_model, num_hidden_layers=2, num_attention_heads=num_heads,
-                                            num_key_value_heads=num_heads, intermediate_size=inter,
-                                            vocab_size=vocab_size, max_position_embeddings=seq_len,
-                                            rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                            attn_implementation="sdpa"))
-    if name == "gla":
-        from fla.models import GLAConfig, GLAForCausalLM
-
-        return GLAForCausalLM(GLAConfig(hidden_size=d_model, num_hidden_layers=2, num_heads=num_heads,
-                                        vocab_size=vocab_size, use_short_conv=False, tie_word_embeddings=False,
-                                        fuse_cross_entropy=False))
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
-
-
 def labelled_logits(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [n, V], targets [n]) at the n labelled positions (y != -100) of x [B, T].
 
-    Runs the backbone (`model.model`: MHLAModel, LlamaModel, fla's GLAModel) for the last hidden
-    state and applies `model.lm_head` only where a label is, instead of the [B, T, V] logits.
+    Runs the backbone (`model.hidden`) and applies `model.lm_head` only where a label is, instead
+    of the [B, T, V] logits.
     """
-    out = model.model(input_ids=x, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = model.hidden(x)
     mask = y != -100
     return model.lm_head(hidden[mask]), y[mask]
 
@@ -165,8 +135,23 @@ def accuracy(model, inputs, labels, batch_size: int, device, amp) -> float:
     return right / max(total, 1)
 
 
-def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
-    (xtr, ytr), (xte, yte) = data
+_DATA: dict[tuple, tuple] = {}
+
+
+def task_data(args: argparse.Namespace, seq_len: int) -> tuple:
+    """((train inputs, labels), (test inputs, labels)) for `seq_len`, built once per process."""
+    key = (args.vocab_size, args.train_examples, args.test_examples, seq_len, args.seed, args.power_a)
+    if key not in _DATA:
+        kv = max(1, seq_len // 16)
+        _DATA[key] = (mqar_data(args.vocab_size, args.train_examples, seq_len, kv, args.seed, args.power_a),
+                      mqar_data(args.vocab_size, args.test_examples, seq_len, kv, args.seed + 10, args.power_a))
+    return _DATA[key]
+
+
+def train_one(name: str, d_model: int, seq_len: int, lr: float, args: argparse.Namespace) -> dict:
+    """Train one (model, d_model, seq_len, lr) run from scratch; returns its result row."""
+    (xtr, ytr), (xte, yte) = task_data(args, seq_len)
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_mqar_model(name, d_model, seq_len, args.vocab_size, mhla_backend=args.mhla_backend).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -192,8 +177,7 @@ def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            if hasattr(model, "constrain_mixing"):
-                model.constrain_mixing()
+            model.constrain_mixing()
             step += 1
     final_loss = loss.item()  # waits for the device
     train_s = time.time() - t0
@@ -204,6 +188,12 @@ def train_one(name, d_model, seq_len, lr, args, device, data) -> dict:
                 backend=resolved_backend(name, args.mhla_backend, device),
                 params=sum(p.numel() for p in model.parameters()), step_ms=round(1000 * train_s / max(step, 1), 1),
                 seconds=round(time.time() - t0, 1))
+
+
+def _train_task(job: tuple) -> dict:
+    args, task = job
+    torch.set_num_threads(1)
+    return train_one(*task, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,13 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=None,
       help="cap on optimizer steps per run (the OneCycle schedule spans min(epochs * batches, max-steps))")
     a("--batch-size", type=int, default=128)
-    a("--lrs", nargs="+", type=float, default=[1e-3])
+    a("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    a("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1: in this process)")
     a("--power-a", type=float, default=0.01)
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--mhla-backend", default="torch", choices=MHLA_BACKENDS,
       help="MHLA kernels of the mhla / linear models: torch (vectorised chunks, no compile step; default), "
            "triton (Triton kernels, compiled per chunk size and head dim) or auto (triton on CUDA)")
+    a("--from-results", nargs="+", default=None, metavar="JSONL",
+      help="train nothing: write best.json, table.md and mqar.svg in --out from earlier results.jsonl files")
     a("--tiny", action="store_true", help="CPU smoke run: d 16, T 32, vocab 64, 64 examples, 2 epochs")
     return p
 
@@ -278,6 +271,28 @@ def write_table(rows: list[dict], path: Path) -> str:
     return text
 
 
+def best_rows(runs: list[dict]) -> list[dict]:
+    """The best-accuracy run (over learning rates) of each (model, d_model, seq_len), in sweep order."""
+    best: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["model"], r["d_model"], r["seq_len"])
+        if key not in best or r["accuracy"] > best[key]["accuracy"]:
+            best[key] = r
+    return sorted(best.values(), key=lambda r: (r["seq_len"], r["d_model"], MODELS.index(r["model"])))
+
+
+def _run_tasks(args: argparse.Namespace, tasks: list[tuple]):
+    """Yield result rows: in this process for --jobs 1, else from a spawn pool as runs finish."""
+    if args.jobs <= 1:
+        for task in tasks:
+            yield train_one(*task, args)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        yield from pool.imap_unordered(_train_task, [(args, t) for t in tasks])
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     if args.tiny:
         args.d_models, args.seq_lens, args.vocab_size = [16], [32], 64
@@ -285,39 +300,39 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.epochs < 1 or args.train_examples < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise ValueError(f"need epochs, train examples and max steps >= 1 (got epochs={args.epochs}, "
                          f"train_examples={args.train_examples}, max_steps={args.max_steps})")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        runs = [json.loads(line) for f in args.from_results for line in Path(f).read_text().splitlines() if line]
+        if not runs:
+            raise ValueError(f"no runs in {args.from_results}")
+        return write_outputs(runs, out)
     models = [m for m in args.models if m != "gla" or device.type == "cuda"]
     if "gla" in args.models and "gla" not in models:
         print("gla: skipped (fla's GLA kernels need CUDA)", flush=True)
-    rows, t0 = [], time.time()
-    todo = len(models) * len(args.d_models) * len(args.seq_lens) * len(args.lrs)
-    done = 0
-    log = open(out / "results.jsonl", "w")
-    for T in args.seq_lens:
-        kv = max(1, T // 16)
-        data = (mqar_data(args.vocab_size, args.train_examples, T, kv, args.seed, args.power_a),
-                mqar_data(args.vocab_size, args.test_examples, T, kv, args.seed + 10, args.power_a))
-        for d in args.d_models:
-            for m in models:
-                best = None
-                for lr in args.lrs:
-                    r = train_one(m, d, T, lr, args, device, data)
-                    done += 1
-                    el = time.time() - t0
-                    eta = round(el / done * (todo - done) / 60, 1)
-                    print(json.dumps({**r, "done": f"{done}/{todo}", "eta_min": eta}), flush=True)
-                    log.write(json.dumps(r) + "\n")
-                    log.flush()
-                    if best is None or r["accuracy"] > best["accuracy"]:
-                        best = r
-                rows.append(best)
-    log.close()
+    tasks = [(m, d, T, lr) for T in args.seq_lens for d in args.d_models for m in models for lr in args.lrs]
+    t0, runs = time.time(), []
+    with open(out / "results.jsonl", "w") as log:
+        for r in _run_tasks(args, tasks):
+            runs.append(r)
+            eta = round((time.time() - t0) / len(runs) * (len(tasks) - len(runs)) / 60, 1)
+            print(json.dumps({**r, "done": f"{len(runs)}/{len(tasks)}", "eta_min": eta}), flush=True)
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+    rows = write_outputs(runs, out)
+    print(f"wrote {out}/table.md, {out}/mqar.svg, {out}/results.jsonl in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return rows
+
+
+def write_outputs(runs: list[dict], out: Path) -> list[dict]:
+    """best.json, table.md and mqar.svg in `out` from the runs; returns the best row per setting."""
+    rows = best_rows(runs)
     (out / "best.json").write_text(json.dumps(rows, indent=1))
     print(write_table(rows, out / "table.md"), flush=True)
     write_svg(rows, out / "mqar.svg")
-    print(f"wrote {out}/table.md, {out}/mqar.svg, {out}/results.jsonl in {(time.time() - t0) / 60:.1f} min", flush=True)
     return rows
 
 
