@@ -1,7 +1,8 @@
 """MQAR (multi-query associative recall, Zoology): MHLA vs linear attention vs softmax vs GLA, 2-layer models.
 
-    python -m mhla_nlp.mqar --out runs/mqar            # full sweep (CUDA)
-    python -m mhla_nlp.mqar --out runs/mqar --max-steps 300 --mhla-backend torch
+    python -m mhla_nlp.mqar --out runs/mqar --jobs 8   # full sweep, 96 runs (one H200: ~20 min)
+    python -m mhla_nlp.mqar --out runs/mqar --seq-lens 64 128 --lrs 1e-2 --max-steps 300
+    python -m mhla_nlp.mqar --out runs/mqar --from-results a/results.jsonl b/results.jsonl  # merge
     python -m mhla_nlp.mqar --tiny --out /tmp/mqar     # seconds on CPU (tests)
 
 The generator follows Zoology's `_mqar` (zoology/data/associative_recall.py): per example,
@@ -206,11 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--vocab-size", type=int, default=8192)
     a("--train-examples", type=int, default=20000)
     a("--test-examples", type=int, default=1000)
-    a("--epochs", type=int, default=4)
+    a("--epochs", type=int, default=8)
     a("--max-steps", type=int, default=None,
       help="cap on optimizer steps per run (the OneCycle schedule spans min(epochs * batches, max-steps))")
     a("--batch-size", type=int, default=128)
-    a("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    a("--lrs", nargs="+", type=float, default=[3e-3, 1e-2])
     a("--jobs", type=int, default=1, help="runs trained at once, in worker processes (default 1: in this process)")
     a("--power-a", type=float, default=0.01)
     a("--seed", type=int, default=0)

@@ -82,7 +82,7 @@ def test_tiny_sweep_writes_table_and_plot(tmp_path):
     assert mhla["steps"] == 4 and mhla["backend"] == "torch" and mhla["step_ms"] > 0
     assert "| mhla | 16 |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "mqar.svg").read_text().startswith("<svg")
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3 * len(rows)  # 3 default lrs
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2 * len(rows)  # 2 default lrs
     json.loads((tmp_path / "best.json").read_text())
 
 
