@@ -5,9 +5,13 @@
 
 Non-causal: SDPA (flash and cuDNN backends on CUDA, the default backend on CPU), plain linear
 attention in PyTorch, MHLA PyTorch reference, MHLA Triton. Causal: fla chunk_linear_attn (if
-installed), MHLA reference (backend="torch"), MHLA Triton. Times are medians (CUDA events through
+installed), MHLA reference (backend="torch"), MHLA Triton, and for T <= 2,048 the authors' form (a
+Python loop over chunks, `scripts/causal_loop_baseline.py`, under torch.compile on CUDA). Times are
+medians (CUDA events through
 triton.testing.do_bench on CUDA, perf_counter on CPU); forward and forward+backward; peak memory
-on CUDA is the allocator's peak during one fwd+bwd minus the inputs.
+on CUDA is the allocator's peak during one fwd+bwd minus the inputs. `--markdown FILE` writes the
+tables between `<!-- bench_ops:start -->` and `<!-- bench_ops:end -->` in FILE, keeping the rest of
+the file (a file without the markers gets the section appended).
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ import datetime
 import math
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla, mhla
-from mhla_core.ops.causal import chunk_mhla_triton
-from mhla_core.ops.noncausal import mhla_triton
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla, mhla  # noqa: E402
+from mhla_core.ops.causal import chunk_mhla_triton  # noqa: E402
+from mhla_core.ops.noncausal import mhla_triton  # noqa: E402
+from scripts.causal_loop_baseline import LOOP_MAX_TOKENS, chunk_loop_mhla  # noqa: E402
+
+MARK_START, MARK_END = "<!-- bench_ops:start -->", "<!-- bench_ops:end -->"
 
 # (name, B, H, N, D, blocks)
 NONCAUSAL_CUDA = [
@@ -133,6 +144,12 @@ def _causal_impls(q, k, v, W, C, device, chunk_linear_attn) -> dict[str, Callabl
     impls["MHLA reference (torch)"] = lambda: chunk_mhla(q, k, v, W, chunk_size=C, backend="torch")[0]
     if device.type == "cuda" and chunk_mhla_triton is not None:
         impls["MHLA triton"] = lambda: chunk_mhla(q, k, v, W, chunk_size=C, backend="triton")[0]
+    if q.shape[1] <= LOOP_MAX_TOKENS:
+        if device.type == "cuda":
+            loop = torch.compile(chunk_loop_mhla)
+            impls["authors'-style loop (torch.compile)"] = lambda: loop(q, k, v, W, C)
+        else:
+            impls["authors'-style loop"] = lambda: chunk_loop_mhla(q, k, v, W, C)
     return impls
 
 
@@ -270,7 +287,20 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def write_section(path: str, section: str) -> None:
+    """Put `section` between the bench_ops markers of the markdown file `path`, keeping the rest."""
+    block = f"{MARK_START}\n{section}\n{MARK_END}"
+    file = Path(path)
+    text = file.read_text() if file.exists() else ""
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
+    file.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
@@ -278,7 +308,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--markdown", default=None, help="write the tables to this markdown file")
     ap.add_argument("--plot", default=None, help="write a log-log plot of forward time vs tokens")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timer = _timer(device, args.reps)
@@ -297,11 +327,11 @@ def main() -> None:
         text += f"\n\n### Decode (one token per sequence per step, after a chunked prefill)\n\n{decode_table(rows)}"
     print(f"\n{text}\n")
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"# Operator benchmarks\n\nMeasured with `python scripts/bench_ops.py` on {env}, "
-                    f"{dtype}. Medians.\n\n{text}\n")
+        write_section(args.markdown, f"Measured with `python scripts/bench_ops.py` on {env}, {dtype}. "
+                                     f"Medians.\n\n{text}")
     if args.plot and sections and sections[0][0].startswith("Non-causal"):
         plot(sections[0][1], args.plot)
+    return text
 
 
 if __name__ == "__main__":
