@@ -66,3 +66,17 @@ def resolve_backend(backend: str, device: torch.device, triton_available: bool,
             "backend='triton' has no kernel for this op yet; use backend='torch' or 'auto'"
         )
     return backend
+
+
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a small CPU tensor to `device` without a host sync.
+
+    A plain `.to("cuda")` of pageable memory waits for the whole stream to drain. Decoding does a few
+    such copies per layer and token (sequence offsets), so that wait would serialise the host's kernel
+    launches with the GPU's work. On CUDA the copy is staged through pinned memory and issued
+    non-blocking; PyTorch's caching host allocator keeps the staging block alive until the copy is done.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla
+from mhla_core.ops.utils import host_to_device
 from mhla_nlp.modules import FusedRMSNormGated, Rotary
 
 
@@ -141,8 +142,7 @@ class MHLAAttention(nn.Module):
                     "with a cache, new tokens must all be real tokens of one sequence per row: "
                     "left padding before the prefill is supported, padding or cu_seqlens after it is not"
                 )
-            offs = torch.tensor(state.offsets, device=dev)
-            positions = offs[:, None] + ar
+            positions = host_to_device(torch.tensor(state.offsets), dev)[:, None] + ar
             self._check_length(max(state.offsets) + T)
         elif padded:
             if cu_seqlens is not None:

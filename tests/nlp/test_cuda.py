@@ -40,3 +40,23 @@ def test_cuda_cached_generate_equals_uncached():
     ids = torch.randint(3, 128, (2, 21), device="cuda")
     kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert torch.equal(model.generate(ids, use_cache=True, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_decode_step_has_no_host_sync():
+    """One cached decode step (batch rows at different offsets) issues no stream synchronisation."""
+    from mhla_nlp.models.mhla.modeling_mhla import output_cache
+
+    model = _model().cuda()
+    ids = torch.randint(3, 128, (2, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: the rows decode at different offsets
+    with torch.no_grad():
+        cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
+        step = torch.randint(3, 128, (2, 1), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = model(step, past_key_values=cache, use_cache=True).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()

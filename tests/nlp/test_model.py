@@ -260,3 +260,30 @@ def test_row_of_only_padding():
         torch.testing.assert_close(
             step.logits[0], model(torch.cat([ids[0], nxt[0]])[None]).logits[0, -1:], atol=ATOL, rtol=1e-4
         )
+
+
+def test_full_mask_is_checked_once_per_forward(monkeypatch):
+    """A mask with no padding among the new tokens reaches no layer (each layer would sync to test it)."""
+    from mhla_nlp.layers.mhla import MHLAAttention
+
+    model = tiny_model()
+    seen = []
+    forward = MHLAAttention.forward
+
+    def spy(self, hidden_states, attention_mask=None, **kw):
+        seen.append(attention_mask)
+        return forward(self, hidden_states, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(MHLAAttention, "forward", spy)
+    ids = torch.randint(model.config.vocab_size, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    with torch.no_grad():
+        plain = model(ids).logits
+        masked = model(ids, attention_mask=mask).logits
+        left = mask.clone()
+        left[0, :3] = 0
+        model(ids, attention_mask=left)
+    torch.testing.assert_close(masked, plain, rtol=0, atol=0)
+    n = model.config.num_hidden_layers
+    assert seen[: 2 * n] == [None] * (2 * n)
+    assert all(m is not None for m in seen[2 * n:]) and len(seen) == 3 * n

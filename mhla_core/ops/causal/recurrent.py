@@ -6,7 +6,7 @@ import torch
 
 from mhla_core.ops.causal.checks import check_length
 from mhla_core.ops.causal.state import MHLAState
-from mhla_core.ops.utils import accumulation_dtype, expand_mixing
+from mhla_core.ops.utils import accumulation_dtype, expand_mixing, host_to_device
 
 
 def _mixed_state(
@@ -51,7 +51,7 @@ def fused_recurrent_mhla_torch(
     chunk_states = initial_state.chunk_states.to(acc)
     partial = initial_state.partial.to(acc)
     offsets = torch.tensor(initial_state.offsets, dtype=torch.long)  # host copy: no device syncs
-    idx = (offsets // C).to(q.device)
+    idx = host_to_device(offsets // C, q.device)
     mixed = _mixed_state(W_strict, chunk_states, idx, min(L, int(offsets.max()) // C) if B else 0)
     slots = torch.arange(L, device=q.device)
 
@@ -66,11 +66,11 @@ def fused_recurrent_mhla_torch(
         offsets = offsets + 1
         finished = offsets % C == 0
         if bool(finished.any()):
-            fin = finished.to(q.device)
+            fin = host_to_device(finished, q.device)
             store = fin.view(B, 1, 1, 1, 1) & (slots == idx.view(B, 1)).view(B, 1, L, 1, 1)
             chunk_states = torch.where(store, partial.unsqueeze(2), chunk_states)
             partial = torch.where(fin.view(B, 1, 1, 1), torch.zeros_like(partial), partial)
-            idx = (offsets // C).to(q.device)
+            idx = host_to_device(offsets // C, q.device)
             n_used = min(L, int(offsets.max()) // C)
             mixed = torch.where(fin.view(B, 1, 1, 1), _mixed_state(W_strict, chunk_states, idx, n_used), mixed)
 

@@ -162,6 +162,9 @@ class MHLAModel(MHLAPreTrainedModel):
         kwargs.pop("output_attentions", None)
         kwargs.pop("position_ids", None)
         kwargs.pop("cache_position", None)
+        T = hidden.shape[1]
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask[:, -T:].all()):
+            attention_mask = None  # no padding among these tokens: one host sync here instead of one per layer
         all_hidden = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
