@@ -86,7 +86,8 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         f"fla {info['fla']}; `python scripts/bench_lm.py`. Random weights, hidden {rows[0]['hidden']}, "
         f"{rows[0]['layers']} layers, bf16 autocast. Training: {args.train_batch} x {args.train_len} tokens per "
         f"step (forward, loss, backward, AdamW). Decoding: batch {args.decode_batch}, prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, greedy with the cache, prefill excluded. Ratios against Transformer++.",
+        f"{args.new_tokens} new tokens, greedy with the cache, prefill excluded (MHLA decode steps: "
+        f"`fused_recurrent_mhla(backend=\"{args.mhla_decode_backend}\")`). Ratios against Transformer++.",
         "",
         "| model | params | train tokens/s | vs Transformer++ | peak train GiB | decode tokens/s | vs Transformer++ "
         "| prefill + 1 token ms |",
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--new-tokens", type=int, default=128)
     a("--warmup", type=int, default=3)
     a("--reps", type=int, default=10)
+    a("--mhla-decode-backend", default="torch", choices=["torch", "triton", "auto"],
+      help="fused_recurrent_mhla backend of MHLA's cached decode steps")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--tiny", action="store_true", help="2-layer width-64 models, short sequences (CPU smoke run)")
     a("--markdown", default=None, help="append the table to this file")
@@ -131,6 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.manual_seed(0)
         model = build_model(name, TINY[name] if args.tiny else None).to(device)
         cfg = model.config
+        for m in model.modules():
+            if hasattr(m, "decode_backend"):
+                m.decode_backend = args.mhla_decode_backend
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()

@@ -193,10 +193,10 @@ DECODE_CUDA = [("B8 after 2K", 8, 4, 2048, 128, 256, 64, 64)]
 DECODE_CPU = [("B2 after 256", 2, 2, 256, 32, 32, 64, 16)]
 
 
-def _mhla_decode(q, k, v, W, C, state, start) -> None:
+def _mhla_decode(q, k, v, W, C, state, start, backend="torch") -> None:
     for t in range(start, q.shape[1]):
         _, state = fused_recurrent_mhla(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], W, chunk_size=C,
-                                        initial_state=state, output_final_state=True)
+                                        initial_state=state, output_final_state=True, backend=backend)
 
 
 def _fla_decode(fn, q, k, v, state, start) -> None:
@@ -218,7 +218,9 @@ def decode_rows(shapes, device, dtype, timer) -> list[dict]:
         W = causal_mixing_init(math.ceil((T + steps) / C)).to(device)
         _, state = chunk_mhla(q[:, :T], k[:, :T], v[:, :T], W, chunk_size=C, output_final_state=True)
 
-        impls = {"MHLA fused_recurrent_mhla": partial(_mhla_decode, q, k, v, W, C, state, T)}
+        impls = {"MHLA fused_recurrent_mhla (PyTorch)": partial(_mhla_decode, q, k, v, W, C, state, T)}
+        if device.type == "cuda" and chunk_mhla_triton is not None:
+            impls["MHLA fused_recurrent_mhla (Triton)"] = partial(_mhla_decode, q, k, v, W, C, state, T, "triton")
         if fused_recurrent_linear_attn is not None and device.type == "cuda":
             h0 = torch.zeros(B, H, Dk, Dv, device=device)
             impls["fla fused_recurrent_linear_attn"] = partial(_fla_decode, fused_recurrent_linear_attn, q, k, v, h0, T)

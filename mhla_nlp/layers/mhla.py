@@ -69,6 +69,7 @@ class MHLAAttention(nn.Module):
         self.chunk_size, self.max_chunks = int(chunk_size), int(max_chunks)
         self.mixing_clamp = (float(mixing_clamp[0]), float(mixing_clamp[1]))
         self.backend = backend
+        self.decode_backend = "torch"  # fused_recurrent_mhla's backend for cached one-token steps
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -178,7 +179,7 @@ class MHLAAttention(nn.Module):
         want_state = bool(use_cache) and past_key_values is not None
         common = dict(chunk_size=self.chunk_size, initial_state=state, output_final_state=want_state)
         if state is not None and T == 1:
-            o, new_state = fused_recurrent_mhla(q, k, v, self.mixing_matrix, **common)
+            o, new_state = fused_recurrent_mhla(q, k, v, self.mixing_matrix, backend=self.decode_backend, **common)
         elif x.shape[1] == 0:  # every row is padding
             o, new_state = v.new_zeros(*v.shape), (self._empty_state(B, v) if want_state else None)
         else:

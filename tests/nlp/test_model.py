@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from fla.models.utils import Cache
@@ -287,3 +289,25 @@ def test_full_mask_is_checked_once_per_forward(monkeypatch):
     n = model.config.num_hidden_layers
     assert seen[: 2 * n] == [None] * (2 * n)
     assert all(m is not None for m in seen[2 * n:]) and len(seen) == 3 * n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton decode needs a GPU or TRITON_INTERPRET=1")
+def test_triton_decode_backend_generates_the_same_tokens():
+    """Left-padded batch: the Triton decode step gives the PyTorch step's logits and tokens."""
+    from mhla_nlp.layers.mhla import MHLAAttention
+
+    model = tiny_model()
+    ids = torch.randint(3, 100, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True,
+              output_logits=True, return_dict_in_generate=True)
+    ref = model.generate(ids, **kw)
+    for m in model.modules():
+        if isinstance(m, MHLAAttention):
+            m.decode_backend = "triton"
+    out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -11,9 +11,10 @@ from mhla_core.ops.causal.state import MHLAState
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
 
 try:  # the kernels are optional: the package works without Triton
+    from mhla_core.ops.causal.triton_decode import fused_recurrent_mhla_triton
     from mhla_core.ops.causal.triton_ops import chunk_mhla_triton
 except ImportError:  # pragma: no cover - exercised only where triton is missing
-    chunk_mhla_triton = None
+    chunk_mhla_triton = fused_recurrent_mhla_triton = None
 
 
 def _check_common(q, k, v, mixing, chunk_size, initial_state, num_seqs):
@@ -80,17 +81,24 @@ def fused_recurrent_mhla(
     scale: float | None = None,
     initial_state: MHLAState | None = None,
     output_final_state: bool = False,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, MHLAState | None]:
     """Causal MHLA one token at a time (decoding); equal to `chunk_mhla` on the same tokens.
 
     Args and returns as `chunk_mhla`, without packing: each batch row is one sequence,
-    and sequences of one batch may sit at different offsets.
+    and sequences of one batch may sit at different offsets. `backend`: "torch" (default; PyTorch
+    ops, differentiable), "triton" (one fused kernel launch per token, inference only: inputs that
+    need gradients, and float64 inputs, run the PyTorch path) or "auto" (Triton on CUDA).
     """
     L = _check_common(q, k, v, mixing, chunk_size, initial_state, q.shape[0])
     offsets = initial_state.offsets if initial_state is not None else (0,) * q.shape[0]
     for off in offsets:
         check_length(off + q.shape[1], chunk_size, L)
     s = default_scale(q.shape[-1], scale)
+    backend = resolve_backend(backend, q.device, fused_recurrent_mhla_triton is not None, v.dtype)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, mixing))
+    if backend == "triton" and not needs_grad and v.dtype != torch.float64:
+        return fused_recurrent_mhla_triton(q, k, v, mixing, chunk_size, s, initial_state, output_final_state)
     return fused_recurrent_mhla_torch(q, k, v, mixing, chunk_size, s, initial_state, output_final_state)
 
 
