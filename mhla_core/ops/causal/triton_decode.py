@@ -45,7 +45,7 @@ def _decode_step_kernel(
     p = tl.load(part_ptr + bh * DK * DV + tile, mask=m2, other=0.0) + k[:, None] * v[None, :]
 
     off = tl.load(off_ptr + b) + t
-    i = off // C
+    i = (off // C).to(tl.int32)
     w_row = w_ptr + h * w_sh + i * L
     acc = tl.load(w_row + i) * p
     states = cs_ptr + bh * L * DK * DV
