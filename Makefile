@@ -3,7 +3,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= dev,vision,train,dit,nlp,video
+EXTRAS ?= dev,vision,train,dit,nlp,video,eval
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup test demo bench lint clean

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tasks", default=HARNESS_TASKS)
     h.add_argument("--num-fewshot", type=int, default=0)
     h.add_argument("--limit", type=float, default=None)
+    h.add_argument("--include-path", default=None,
+                   help="folder of extra lm-eval task YAMLs (local or custom tasks), as lm-eval's --include_path")
     return p
 
 
@@ -158,11 +160,12 @@ def register_harness_model():
 def run_harness(args) -> dict:
     name = register_harness_model()
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     model_args = f"pretrained={args.model},tokenizer={args.tokenizer or args.model},dtype={args.dtype}"
     res = lm_eval.simple_evaluate(model=name, model_args=model_args, tasks=args.tasks.split(","),
                                   num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
-                                  limit=args.limit)
+                                  limit=args.limit, task_manager=TaskManager(include_path=args.include_path))
     table = {task: {k: v for k, v in m.items() if isinstance(v, (int, float))} for task, m in res["results"].items()}
     print(json.dumps(table, indent=1), flush=True)
     if args.output:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -62,3 +63,58 @@ def test_ppl_cli_on_text(tmp_path):
 def test_harness_without_lm_eval_says_how_to_install(tmp_path):
     with pytest.raises(SystemExit, match="pip install lm-eval"):
         main(["harness", "--model", str(tmp_path)])
+
+
+TASK_YAML = """task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def _choice_logprob(model, tok, context: str, choice: str) -> float:
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    ids = tok(context + " " + choice, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    return sum(float(logp[i - 1, ids[i]]) for i in range(len(ctx), len(ids)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval (pip install -e .[eval])")
+def test_harness_runs_our_model_on_a_local_task(tmp_path, monkeypatch):
+    """lm-eval scores a local multiple-choice task with the registered MHLA model; accuracy equals ours."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from .helpers import WORDS
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = _model()
+    model.config.vocab_size = 40
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    rng = random.Random(0)
+    rows = [{"question": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))),
+             "choices": rng.sample(WORDS, 3), "label": rng.randrange(3)} for _ in range(12)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks" / "tiny.yaml").write_text(TASK_YAML.format(data=tmp_path / "tasks" / "data.jsonl"))
+
+    res = main(["harness", "--model", str(tmp_path / "m"), "--tokenizer", str(tmp_path / "tok"),
+                "--tasks", "tiny_choice", "--include-path", str(tmp_path / "tasks"), "--device", "cpu",
+                "--dtype", "float32", "--batch-size", "4", "--output", str(tmp_path / "r.json")])
+    mine = [max(range(3), key=lambda c: _choice_logprob(model, tok, r["question"], r["choices"][c])) == r["label"]
+            for r in rows]
+    assert res["tiny_choice"]["acc,none"] == pytest.approx(sum(mine) / len(rows))
+    assert json.loads((tmp_path / "r.json").read_text()) == res
