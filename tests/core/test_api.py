@@ -28,7 +28,8 @@ def test_signatures():
         ("cu_seqlens", K, None), ("backend", K, "auto")]
     assert _params(mhla_core.fused_recurrent_mhla) == [
         ("q", P, empty), ("k", P, empty), ("v", P, empty), ("mixing", P, empty), ("chunk_size", K, 64),
-        ("scale", K, None), ("initial_state", K, None), ("output_final_state", K, False)]
+        ("scale", K, None), ("initial_state", K, None), ("output_final_state", K, False),
+        ("backend", K, "torch")]  # added 2026-11-29: the Triton decode step, "torch" until timed on a GPU
     assert _params(mhla_core.block_distance_mixing) == [
         ("layout", P, empty), ("transform", P, "linear"), ("local_thres", K, 1.5), ("exp_sigma", K, 3.0)]
     assert [p[0] for p in _params(mhla_core.causal_mixing_init)] == ["num_chunks"]
