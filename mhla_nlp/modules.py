@@ -78,10 +78,20 @@ class Rotary(nn.Module):
         inv = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, D]; positions: [B, T] integer positions. Returns x rotated, in x.dtype."""
-        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim))
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) [B, T, 1, D/2] of integer positions [B, T]; the frequencies are kept in fp32
+        whatever dtype the module is cast to."""
+        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32)
+                                   / self.dim))
         ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [B, T, D/2]
-        cos, sin = ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)
+        return ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, D] rotated by (cos, sin) from `cos_sin`, in x.dtype."""
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, D]; positions: [B, T] integer positions. Returns x rotated, in x.dtype."""
+        return self.rotate(x, *self.cos_sin(positions))

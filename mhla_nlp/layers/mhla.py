@@ -174,7 +174,8 @@ class MHLAAttention(nn.Module):
         q = F.relu(self.q_proj(x)).unflatten(-1, (H, self.head_k_dim))
         k = F.relu(self.k_proj(x)).unflatten(-1, (H, self.head_k_dim))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        cos, sin = self.rotary.cos_sin(positions)  # once for q and k
+        q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
 
         want_state = bool(use_cache) and past_key_values is not None
         common = dict(chunk_size=self.chunk_size, initial_state=state, output_final_state=want_state)
