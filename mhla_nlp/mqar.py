@@ -273,9 +273,12 @@ def write_table(rows: list[dict], path: Path) -> str:
 
 
 def best_rows(runs: list[dict]) -> list[dict]:
-    """The best-accuracy run (over learning rates) of each (model, d_model, seq_len), in sweep order."""
+    """The best-accuracy run (over learning rates) of each (model, d_model, seq_len), in sweep order.
+
+    Ties go to the smaller learning rate, so the choice does not depend on the order runs finished in.
+    """
     best: dict[tuple, dict] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r["lr"]):
         key = (r["model"], r["d_model"], r["seq_len"])
         if key not in best or r["accuracy"] > best[key]["accuracy"]:
             best[key] = r

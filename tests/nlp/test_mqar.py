@@ -155,3 +155,8 @@ def test_from_results_rebuilds_table(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="no runs"):
         main(["--out", str(tmp_path / "c"), "--from-results", str(tmp_path / "empty.jsonl")])
+
+
+def test_best_rows_ties_do_not_depend_on_finish_order():
+    runs = [dict(model="mhla", d_model=16, seq_len=32, lr=lr, accuracy=0.0) for lr in (3e-3, 1e-3, 1e-2)]
+    assert best_rows(runs)[0]["lr"] == best_rows(runs[::-1])[0]["lr"] == 1e-3
