@@ -48,10 +48,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mhla_nlp.mqar_model import MIXERS, build_mqar_model
+from mhla_nlp.mqar_model import MHLA_BACKENDS, MIXERS, build_mqar_model
 
 MODELS = MIXERS
-MHLA_BACKENDS = ("auto", "torch", "triton")
 
 
 def mqar_data(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: int, seed: int,
@@ -81,18 +80,6 @@ def mqar_data(vocab_size: int, num_examples: int, seq_len: int, num_kv_pairs: in
         fill = torch.randint(vocab_size, inputs.shape, generator=torch.Generator().manual_seed(seed))
         inputs = torch.where(inputs == 0, fill, inputs)
     return inputs, labels
-
-
-def set_mhla_backend(model: nn.Module, backend: str) -> int:
-    """Set `backend` on every MHLAAttention layer of `model`; returns how many layers were set."""
-    from mhla_nlp.layers.mhla import MHLAAttention
-
-    if backend not in MHLA_BACKENDS:
-        raise ValueError(f"mhla backend must be one of {MHLA_BACKENDS}, got {backend!r}")
-    layers = [m for m in model.modules() if isinstance(m, MHLAAttention)]
-    for m in layers:
-        m.backend = backend
-    return len(layers)
 
 
 def resolved_backend(name: str, mhla_backend: str, device: torch.device) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MIXERS = ("mhla", "linear", "softmax", "gla")
+MHLA_BACKENDS = ("auto", "torch", "triton")
 
 
 class ShortConvMixer(nn.Module):
@@ -66,14 +67,13 @@ class FirstOutput(nn.Module):
         return self.layer(x)[0]
 
 
-def build_mixer(name: str, d_model: int, num_heads: int, seq_len: int, chunk_size: int,
-                mhla_backend: str = "torch") -> nn.Module:
+def build_mixer(name: str, d_model: int, num_heads: int, seq_len: int, chunk_size: int) -> nn.Module:
     """The sequence mixer `name` (one of MIXERS) for width `d_model` and sequences up to `seq_len`."""
     if name in ("mhla", "linear"):
         from mhla_nlp.layers.mhla import MHLAAttention
 
         layer = MHLAAttention(hidden_size=d_model, num_heads=num_heads, chunk_size=chunk_size,
-                              max_chunks=-(-seq_len // chunk_size), layer_idx=1, backend=mhla_backend)
+                              max_chunks=-(-seq_len // chunk_size), layer_idx=1)
         if name == "linear":
             with torch.no_grad():
                 layer.mixing_matrix.copy_(torch.ones_like(layer.mixing_matrix).tril())
@@ -130,4 +130,18 @@ def build_mqar_model(name: str, d_model: int, seq_len: int, vocab_size: int, num
                      chunk_size: int | None = None, mhla_backend: str = "torch") -> MQARModel:
     """Zoology's 2-layer MQAR model with mixer `name`; MHLA chunks default to seq_len / 16 (16 chunks)."""
     chunk = chunk_size or max(1, seq_len // 16)
-    return MQARModel(build_mixer(name, d_model, num_heads, seq_len, chunk, mhla_backend), vocab_size, d_model)
+    model = MQARModel(build_mixer(name, d_model, num_heads, seq_len, chunk), vocab_size, d_model)
+    set_mhla_backend(model, mhla_backend)
+    return model
+
+
+def set_mhla_backend(model: nn.Module, backend: str) -> int:
+    """Set `backend` on every MHLAAttention layer of `model`; returns how many layers were set."""
+    from mhla_nlp.layers.mhla import MHLAAttention
+
+    if backend not in MHLA_BACKENDS:
+        raise ValueError(f"mhla backend must be one of {MHLA_BACKENDS}, got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, MHLAAttention)]
+    for m in layers:
+        m.backend = backend
+    return len(layers)

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from mhla_nlp.layers.mhla import MHLAAttention
-from mhla_nlp.mqar import best_rows, labelled_logits, labelled_loss, main, mqar_data, set_mhla_backend
-from mhla_nlp.mqar_model import MQARModel, ShortConvMixer, build_mqar_model
+from mhla_nlp.mqar import best_rows, labelled_logits, labelled_loss, main, mqar_data
+from mhla_nlp.mqar_model import MQARModel, ShortConvMixer, build_mqar_model, set_mhla_backend
 
 
 def test_generator_structure():

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from mhla_core.ops.causal.state import MHLAState
+from mhla_core.ops.causal.triton_kernels import next_pow2
 from mhla_core.ops.utils import host_to_device
 
 LAUNCH = {"tile_elems": 4096, "num_warps": 4}  # BK x BV register tile per program
@@ -60,10 +61,6 @@ def _decode_step_kernel(
     tl.store(new_part_ptr + bh * DK * DV + tile, p, mask=m2)
 
 
-def _pow2(x: int) -> int:
-    return max(16, triton.next_power_of_2(int(x)))
-
-
 def fused_recurrent_mhla_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,8 +87,8 @@ def fused_recurrent_mhla_triton(
     offsets = list(initial_state.offsets)
     off_dev = host_to_device(torch.tensor(offsets, dtype=torch.int64), q.device)
 
-    BK = _pow2(Dk)
-    BV = max(16, min(_pow2(Dv), LAUNCH["tile_elems"] // BK))
+    BK = next_pow2(Dk)
+    BV = max(16, min(next_pow2(Dv), LAUNCH["tile_elems"] // BK))
     grid = (B * H, triton.cdiv(Dv, BV))
     for t in range(T):
         new_cs = cs.clone() if any((off + t + 1) % C == 0 for off in offsets) else cs
