@@ -77,20 +77,30 @@ class Rotary(nn.Module):
         self.dim, self.base = dim, float(base)
         inv = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _freqs_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 frequencies [D] (both halves) and signs [D] (-1 then +1), made once per device and kept in
+        fp32 whatever dtype the module is cast to (a plain attribute, not a buffer)."""
+        if device not in self._tables:
+            inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+            half = self.dim // 2
+            signs = torch.cat([-torch.ones(half), torch.ones(half)])
+            self._tables[device] = (inv.repeat(2).to(device), signs.to(device))
+        return self._tables[device]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (cos, sin) [B, T, 1, D/2] of integer positions [B, T]; the frequencies are kept in fp32
-        whatever dtype the module is cast to."""
-        inv = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32)
-                                   / self.dim))
-        ang = positions.to(torch.float32).unsqueeze(-1) * inv  # [B, T, D/2]
-        return ang.cos().unsqueeze(2), ang.sin().unsqueeze(2)
+        """fp32 (cos, signed sin) [B, T, 1, D] of integer positions [B, T], for `rotate`."""
+        freqs, signs = self._freqs_and_signs(positions.device)
+        ang = positions.to(torch.float32).unsqueeze(-1).unsqueeze(-1) * freqs  # [B, T, 1, D]
+        return ang.cos(), ang.sin() * signs
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, D] rotated by (cos, sin) from `cos_sin`, in x.dtype."""
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+        """x [B, T, H, D] rotated by (cos, sin) from `cos_sin`, in x.dtype:
+        [x1 cos - x2 sin, x2 cos + x1 sin] for the halves x1, x2, as x cos + swap_halves(x) (+-sin)."""
+        xf = x.float()
+        return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, D]; positions: [B, T] integer positions. Returns x rotated, in x.dtype."""

@@ -133,7 +133,6 @@ class MHLAAttention(nn.Module):
                 )
             attention_mask = attention_mask[:, -T:]
         padded = attention_mask is not None and not bool(attention_mask.all())
-        ar = torch.arange(T, device=dev)
 
         indices, empty_rows = None, []
         x = hidden_states
@@ -143,7 +142,7 @@ class MHLAAttention(nn.Module):
                     "with a cache, new tokens must all be real tokens of one sequence per row: "
                     "left padding before the prefill is supported, padding or cu_seqlens after it is not"
                 )
-            positions = host_to_device(torch.tensor(state.offsets), dev)[:, None] + ar
+            positions = host_to_device(torch.tensor([[off + t for t in range(T)] for off in state.offsets]), dev)
             self._check_length(max(state.offsets) + T)
         elif padded:
             if cu_seqlens is not None:
@@ -164,11 +163,12 @@ class MHLAAttention(nn.Module):
                 raise ValueError(f"cu_seqlens needs packed input of batch 1, got batch {B}")
             cu = cu_seqlens.to(dev)
             self._check_length(int((cu[1:] - cu[:-1]).max()))
+            ar = torch.arange(T, device=dev)
             doc = torch.searchsorted(cu[1:].contiguous(), ar, right=True)
             positions = (ar - cu[doc])[None]
         else:
             self._check_length(T)
-            positions = ar.expand(B, T)
+            positions = torch.arange(T, device=dev).expand(B, T)
 
         H = self.num_heads
         q = F.relu(self.q_proj(x)).unflatten(-1, (H, self.head_k_dim))

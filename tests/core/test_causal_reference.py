@@ -113,6 +113,36 @@ def test_packed_sequences_equal_separate_runs():
         assert _rel(step[d : d + 1], ref[:, -1:]) < 1e-9
 
 
+def test_multi_token_decode_with_offsets_that_cross_chunk_ends_at_different_steps():
+    lengths, C, n_new = [9, 3, 14, 16], 4, 8  # the last row ends exactly at a chunk end, and reaches L * C
+    q, k, v = _inputs(1, sum(lengths), 2, 3, 4, seed=21)
+    W = _mixing(6, 2, seed=22)
+    cu = torch.tensor([0, 9, 12, 26, 42])
+    _, state = chunk_mhla(q, k, v, W, chunk_size=C, cu_seqlens=cu, output_final_state=True, backend="torch")
+    new = _inputs(4, n_new, 2, 3, 4, seed=23)
+    leaves = [x.clone().requires_grad_() for x in (*new, W)]
+    out, final = fused_recurrent_mhla(*leaves, chunk_size=C, initial_state=state, output_final_state=True)
+    assert final.offsets == tuple(n + n_new for n in lengths)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), leaves)
+    ref_out, ref_grads = [], [torch.zeros_like(x) for x in leaves]
+    for d, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        rows = [x[d : d + 1].clone().requires_grad_() for x in new] + [W.clone().requires_grad_()]
+        seq = [torch.cat([x[:, lo:hi], xn], 1) for x, xn in zip((q, k, v), rows[:3])]
+        ref = brute_causal(*seq, rows[3], C)[:, -n_new:]
+        ref_out.append(ref)
+        *g_qkv, g_w = torch.autograd.grad((ref * dout[d : d + 1]).sum(), rows)
+        for acc, g in zip(ref_grads, g_qkv):
+            acc[d : d + 1] += g
+        ref_grads[3] += g_w
+        _, alone = chunk_mhla(*seq, W, chunk_size=C, output_final_state=True, backend="torch")
+        assert torch.allclose(final.chunk_states[d], alone.chunk_states[0], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(final.partial[d], alone.partial[0], rtol=1e-12, atol=1e-12)
+    assert _rel(out, torch.cat(ref_out)) < 1e-9
+    for name, g, r in zip("qkvW", grads, ref_grads):
+        assert _rel(g, r) < 1e-9, name
+
+
 def test_half_inputs():
     q, k, v = _inputs(2, 40, 2, 16, 16, seed=9)
     W = _mixing(4)

@@ -1,4 +1,8 @@
-"""Token-by-token causal MHLA (SPEC section 2, recurrent form) in PyTorch."""
+"""Token-by-token causal MHLA (SPEC section 2, recurrent form) in PyTorch.
+
+Shaped for decoding, where the host issuing ops bounds the speed: sequence offsets stay Python ints
+(no host syncs, no small CPU-tensor ops), and each token costs a handful of ops.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,17 @@ from mhla_core.ops.utils import accumulation_dtype, expand_mixing, host_to_devic
 
 
 def _mixed_state(
-    W_strict: torch.Tensor, chunk_states: torch.Tensor, chunk_idx: torch.Tensor, n_used: int
+    w_rows: torch.Tensor, chunk_states: torch.Tensor, chunk_idx: torch.Tensor, n_used: int
 ) -> torch.Tensor:
     """S~_i = sum_{j < i} W[i, j] S_j for each sequence's current chunk i: [B, H, Dk, Dv].
 
-    Reads only the first `n_used` chunk slots (n_used >= every sequence's i); one batched GEMV over (b, h).
+    `w_rows` is the strictly lower mixing as [L, H, L] (row i first); every chunk_idx must be < L. Reads only
+    the first `n_used` chunk slots (n_used >= every sequence's i); one batched GEMV over (b, h).
     """
     B, H, L, Dk, Dv = chunk_states.shape
     if n_used == 0:
         return chunk_states.new_zeros(B, H, Dk, Dv)
-    rows = W_strict[:, chunk_idx.clamp(max=L - 1)] * (chunk_idx < L).view(1, -1, 1)  # [H, B, L]
-    rows = rows[..., :n_used].transpose(0, 1).reshape(B * H, 1, n_used)
+    rows = w_rows[chunk_idx, :, :n_used].reshape(B * H, 1, n_used)
     states = chunk_states[:, :, :n_used].reshape(B * H, n_used, Dk * Dv)
     return torch.bmm(rows, states).view(B, H, Dk, Dv)
 
@@ -44,36 +48,42 @@ def fused_recurrent_mhla_torch(
     L = W.shape[-1]
     if initial_state is None:
         initial_state = MHLAState.zeros(B, H, L, Dk, Dv, C, device=q.device, dtype=acc)
-    for off in initial_state.offsets:
-        check_length(off + T, C, L)
-    W_strict = W.tril(-1)
-    diag = W.diagonal(dim1=-2, dim2=-1)  # [H, L]
+    offsets = list(initial_state.offsets)
+    for off in offsets:
+        check_length(off + T, C, L)  # so every chunk index used below is < L
+    w_rows = W.tril(-1).transpose(0, 1)  # [L, H, L]: row i of each head's strictly lower mixing
+    diag = W.diagonal(dim1=-2, dim2=-1).t()  # [L, H]
     chunk_states = initial_state.chunk_states.to(acc)
     partial = initial_state.partial.to(acc)
-    offsets = torch.tensor(initial_state.offsets, dtype=torch.long)  # host copy: no device syncs
-    idx = host_to_device(offsets // C, q.device)
-    mixed = _mixed_state(W_strict, chunk_states, idx, min(L, int(offsets.max()) // C) if B else 0)
-    slots = torch.arange(L, device=q.device)
+
+    def chunk_index() -> torch.Tensor:
+        return host_to_device(torch.tensor([off // C for off in offsets]), q.device)
+
+    idx = chunk_index()
+    mixed = _mixed_state(w_rows, chunk_states, idx, max((off // C for off in offsets), default=0))
+    w_ii = diag[idx].view(B, H, 1, 1)
 
     outs = []
     for t in range(T):
-        qt = q[:, t].to(acc) * scale  # [B, H, Dk]
+        qt = (q[:, t].to(acc) * scale).view(B * H, 1, Dk)
         kt, vt = k[:, t].to(acc), v[:, t].to(acc)
-        partial = partial + kt.unsqueeze(-1) * vt.unsqueeze(-2)
-        w_ii = diag[:, idx].t()  # [B, H]
-        read = mixed + w_ii[..., None, None] * partial
-        outs.append(torch.einsum("bhk,bhkv->bhv", qt, read))
-        offsets = offsets + 1
-        finished = offsets % C == 0
-        if bool(finished.any()):
-            fin = host_to_device(finished, q.device)
-            store = fin.view(B, 1, 1, 1, 1) & (slots == idx.view(B, 1)).view(B, 1, L, 1, 1)
+        partial = torch.addcmul(partial, kt.unsqueeze(-1), vt.unsqueeze(-2))
+        read = torch.addcmul(mixed, w_ii, partial)
+        outs.append(torch.bmm(qt, read.view(B * H, Dk, Dv)).view(B, 1, H, Dv))
+        offsets = [off + 1 for off in offsets]
+        finished = [off % C == 0 for off in offsets]
+        if any(finished):
+            fin = host_to_device(torch.tensor(finished), q.device)
+            # idx still holds each row's chunk before this token: for the finished rows, the chunk that just ended
+            store = (fin.view(B, 1) & (torch.arange(L, device=q.device) == idx.view(B, 1))).view(B, 1, L, 1, 1)
             chunk_states = torch.where(store, partial.unsqueeze(2), chunk_states)
             partial = torch.where(fin.view(B, 1, 1, 1), torch.zeros_like(partial), partial)
-            idx = host_to_device(offsets // C, q.device)
-            n_used = min(L, int(offsets.max()) // C)
-            mixed = torch.where(fin.view(B, 1, 1, 1), _mixed_state(W_strict, chunk_states, idx, n_used), mixed)
+            if t + 1 < T:  # the mixed state of the next token's chunk (not part of the returned state)
+                idx = chunk_index()
+                n_used = max(off // C for off in offsets)
+                mixed = torch.where(fin.view(B, 1, 1, 1), _mixed_state(w_rows, chunk_states, idx, n_used), mixed)
+                w_ii = diag[idx].view(B, H, 1, 1)
 
-    o = torch.stack(outs, dim=1).to(v.dtype) if T else v.new_zeros(B, 0, H, Dv)
-    final = MHLAState(chunk_states, partial, tuple(offsets.tolist()), C) if output_final_state else None
+    o = (outs[0] if T == 1 else torch.cat(outs, dim=1)).to(v.dtype) if T else v.new_zeros(B, 0, H, Dv)
+    final = MHLAState(chunk_states, partial, tuple(offsets), C) if output_final_state else None
     return o, final
