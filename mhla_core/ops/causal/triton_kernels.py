@@ -172,6 +172,20 @@ def mix_grad_kernel(
 
 
 @triton.jit
+def _chunk_row(tbl_ptr, w_ptr, i_ch, H, L, BC: tl.constexpr):
+    """Chunk row c and head h of program row i_ch = c * H + h: (c, h, its W index wi, d = W[h, wi, wi],
+    token offsets t < BC, their mask t < LEN, and the flat [token, head] row of its first token)."""
+    c = i_ch // H
+    h = i_ch % H
+    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
+    n = tl.load(tbl_ptr + c * 5 + 1)
+    wi = tl.load(tbl_ptr + c * 5 + 4)
+    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
+    t = tl.arange(0, BC)
+    return c, h, wi, d, t, t < n, tok0 * H + h
+
+
+@triton.jit
 def chunk_fwd_o_kernel(
     q_ptr, k_ptr, v_ptr, st_ptr, w_ptr, o_ptr, tbl_ptr, scale, H, DK, DV, L,
     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -180,15 +194,7 @@ def chunk_fwd_o_kernel(
     nv = tl.cdiv(DV, BV)
     i_ch = tl.program_id(0) // nv
     i_v = tl.program_id(0) % nv
-    c = i_ch // H
-    h = i_ch % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
-    wi = tl.load(tbl_ptr + c * 5 + 4)
-    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
-    t = tl.arange(0, BC)
-    tm = t < n
-    row0 = tok0 * H + h
+    c, h, wi, d, t, tm, row0 = _chunk_row(tbl_ptr, w_ptr, i_ch, H, L, BC)
     q_blk, k_blk = q_ptr + row0 * DK, k_ptr + row0 * DK
     ov = i_v * BV + tl.arange(0, BV)
     vm = ov < DV
@@ -219,15 +225,7 @@ def chunk_bwd_dqdk_kernel(
     nk = tl.cdiv(DK, BK)
     i_ch = tl.program_id(0) // nk
     i_k = tl.program_id(0) % nk
-    c = i_ch // H
-    h = i_ch % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
-    wi = tl.load(tbl_ptr + c * 5 + 4)
-    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
-    t = tl.arange(0, BC)
-    tm = t < n
-    row0 = tok0 * H + h
+    c, h, wi, d, t, tm, row0 = _chunk_row(tbl_ptr, w_ptr, i_ch, H, L, BC)
     do_blk, v_blk = do_ptr + row0 * DV, v_ptr + row0 * DV
     ok = i_k * BK + tl.arange(0, BK)
     km = ok < DK
@@ -268,15 +266,7 @@ def chunk_bwd_dv_kernel(
     nv = tl.cdiv(DV, BV)
     i_ch = tl.program_id(0) // nv
     i_v = tl.program_id(0) % nv
-    c = i_ch // H
-    h = i_ch % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
-    wi = tl.load(tbl_ptr + c * 5 + 4)
-    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
-    t = tl.arange(0, BC)
-    tm = t < n
-    row0 = tok0 * H + h
+    c, h, wi, d, t, tm, row0 = _chunk_row(tbl_ptr, w_ptr, i_ch, H, L, BC)
     q_blk, k_blk = q_ptr + row0 * DK, k_ptr + row0 * DK
     ov = i_v * BV + tl.arange(0, BV)
     vm = ov < DV
@@ -314,15 +304,7 @@ def chunk_bwd_fused_kernel(
 
     Same math as chunk_bwd_dqdk_kernel + chunk_bwd_dv_kernel, reading Q, K, V, dO, S~ and dS once.
     """
-    c = tl.program_id(0) // H
-    h = tl.program_id(0) % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
-    wi = tl.load(tbl_ptr + c * 5 + 4)
-    d = tl.load(w_ptr + h * L * L + wi * (L + 1))
-    t = tl.arange(0, BC)
-    tm = t < n
-    row0 = tok0 * H + h
+    c, h, wi, d, t, tm, row0 = _chunk_row(tbl_ptr, w_ptr, tl.program_id(0), H, L, BC)
     ok = tl.arange(0, BK)
     km = ok < DK
     k_offs = row0 * DK + t[:, None] * (H * DK) + ok[None, :]

@@ -178,6 +178,24 @@ def _direct_mixed(
     return s_acc, z_acc, p_acc
 
 
+@_device_fn
+def _program_tiles(
+    H, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """The (block, Dv tile, b * H + h) program's indices, b, h, token / Dk / Dv offsets and the Dk, Dv masks."""
+    blk = tl.program_id(0)
+    jv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_DK)
+    mk = offs_k < DK
+    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mv = offs_v < DV
+    return blk, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv
+
+
 # ------------------------------------------------------------------------------------------------
 # kernels
 
@@ -191,16 +209,7 @@ def _state_kernel(
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
 ):
     """X_j = [K_j^T V_j | K_j^T 1 | s Q_j K_j^T 1] for block j = program 0, Dv tile = program 1."""
-    j = tl.program_id(0)
-    jv = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_DK)
-    mk = offs_k < DK
-    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mv = offs_v < DV
+    j, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
     vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
     s_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
@@ -307,16 +316,7 @@ def _out_kernel(
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, SF32: tl.constexpr,
 ):
     """o of query block i (program 0), Dv tile program 1: (q' S~_i) / den."""
-    i = tl.program_id(0)
-    jv = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_DK)
-    mk = offs_k < DK
-    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mv = offs_v < DV
+    i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     row = x_ptr + (bh * M + i).to(tl.int64) * RS
     if DIRECT:
         s_m, z_m, p_m = _direct_mixed(
@@ -368,16 +368,7 @@ def _bwd_q_kernel(
     The products with S~ (the recomputed numerator and dq) use fp32 operands (tf32 dots) when HP:
     dq is a difference of two close terms for positive q, k, and bf16 operands would cost accuracy.
     """
-    i = tl.program_id(0)
-    jv = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_DK)
-    mk = offs_k < DK
-    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mv = offs_v < DV
+    i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     row = x_ptr + (bh * M + i).to(tl.int64) * RS
     drow = dx_ptr + (bh * M + i).to(tl.int64) * RS
     if DIRECT:
@@ -476,16 +467,7 @@ def _bwd_kv_kernel(
 
     z_ptr: [B * H * M, DK] key sums z_j, read by the state path's reference normaliser only.
     """
-    j = tl.program_id(0)
-    jv = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_DK)
-    mk = offs_k < DK
-    offs_v = jv * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    mv = offs_v < DV
+    j, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     dt = k_ptr.dtype.element_ty
     kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
     vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
