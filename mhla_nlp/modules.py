@@ -75,8 +75,6 @@ class Rotary(nn.Module):
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
         self.dim, self.base = dim, float(base)
-        inv = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _freqs_and_signs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla, mhla
 from mhla_core.ops.causal import chunk_mhla_triton  # noqa: E402
 from mhla_core.ops.noncausal import mhla_triton  # noqa: E402
 from scripts.causal_loop_baseline import LOOP_MAX_TOKENS, chunk_loop_mhla  # noqa: E402
+from scripts.doc_sections import write_marked_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_ops:start -->", "<!-- bench_ops:end -->"
 
@@ -291,15 +292,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def write_section(path: str, section: str) -> None:
     """Put `section` between the bench_ops markers of the markdown file `path`, keeping the rest."""
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
-    file = Path(path)
-    text = file.read_text() if file.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
-    file.write_text(text)
+    write_marked_section(path, section, "bench_ops")
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_nlp.train import build_model  # noqa: E402
 from scripts.bench_timing import time_ms  # noqa: E402
+from scripts.doc_sections import write_marked_section  # noqa: E402
 
-MARK_START, MARK_END = "<!-- decode_ops:start -->", "<!-- decode_ops:end -->"
 LABELS = {"mhla": "MHLA", "transformer": "Transformer++ (Llama, SDPA)"}
 
 
@@ -72,7 +72,6 @@ def measure(name: str, args) -> dict:
 def markdown(rows: list[dict], args) -> str:
     """The table with its provenance."""
     lines = [
-        MARK_START,
         f"Host cost of one cached decode step (`python scripts/decode_ops.py`), {datetime.date.today()}, "
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}: {args.layers} layers, "
         f"4 heads, width {args.width}, batch {args.batch}, after a {args.prompt_len}-token prefill, CPU.",
@@ -81,18 +80,7 @@ def markdown(rows: list[dict], args) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {LABELS[r['model']]} | {r['ops']} | {r['ops_per_layer']:.1f} | {r['ms']:.2f} |" for r in rows]
-    return "\n".join(lines + [MARK_END])
-
-
-def write_between_markers(path: Path, block: str) -> None:
-    """Replace the marked block in `path`, or append it."""
-    text = path.read_text() if path.exists() else ""
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
-    path.write_text(text)
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = markdown(rows, args)
     print(table)
     if args.markdown:
-        write_between_markers(args.markdown, table)
+        write_marked_section(args.markdown, table, "decode_ops")
     return rows
 
 
