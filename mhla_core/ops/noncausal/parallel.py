@@ -1,0 +1,506 @@
+"""Parallel (quadratic) path of non-causal MHLA: FlashAttention's loop without the softmax.
+
+For short sequences the D x D block states cost more bytes than the tokens themselves (a state of
+a 16-token block with D = 64 is 8x the block's keys), so this path never forms them. Token t of
+block i and token u of block j interact through the score
+
+    a_tu = W[i, j] s_tu,   s_tu = s q_t . k_u,      num_t = sum_u a_tu v_u,   o_t = num_t r_t
+
+with r_t = 1 / (sum_u a_tu + eps) for the exact normaliser (the row sums of A are exactly
+q'_t . z~_i), r_t = 1 / (p~_t + eps) for the reference one (p~ from a per-token pre-pass,
+p_{j,w} = s q_{j,w} . z_j, then p~ = W p) and r_t = 1 without normalisation. Per query tile the
+kernel loops over key tiles; W[block(t), block(u)] is gathered for the tile pair either
+elementwise or as a one-hot product (W rows of the tile's query blocks times the key tiles'
+block indicator), so every product runs on tensor cores. Cost 4 N^2 D per (batch, head).
+
+Backward (o and r are saved; delta_t = dO_t . o_t):
+
+    dA_tu = r_t (dO_t . v_u - delta_t)    (exact; reference and none drop delta_t)
+    dS_tu = dA_tu W[i, j]        dq_t = s sum_u dS_tu k_u      dk_u = s sum_t dS_tu q_t
+    dv_u = sum_t a_tu r_t dO_t   dW[i, j] = sum_b sum_{t in i, u in j} dA_tu s_tu
+
+The reference normaliser adds c_t = -r_t delta_t = dL/dden_t: dp~ = c, dW += c p^T, dp = W^T c,
+dq_{j,w} += s dp_{j,w} z_j, dk_u += s sum_w dp_{j,w} q_{j,w}; these O(N D) terms run in PyTorch.
+
+Kernels: `_par_fwd` (o, r), `_par_dq` (delta, dq), `_par_dkdv` (dk, dv and per-(b, h) dW
+partials, block-summed by one-hot products and added atomically). Head dims that are not a power of
+two are split into a power-of-two part and a tail tile (72 = 64 + 16 of which 8 are used), instead
+of padding to the next power of two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mhla_core.ops.noncausal.triton_kernels import INTERPRET, _cast, _device_fn, _dot
+
+W_GATHER, W_ONEHOT, W_SCALAR = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------------------------
+# device helpers
+
+
+@_device_fn
+def _rows(base, rows, mrow, s_t, D0: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+    """[len(rows), BD] tile of columns D0 .. D0 + BD of a token-major array, zero outside."""
+    offs = D0 + tl.arange(0, BD)
+    return tl.load(base + rows[:, None] * s_t + offs[None, :], mask=mrow[:, None] & (offs[None, :] < D), other=0.0)
+
+
+@_device_fn
+def _rows_t(base, rows, mrow, s_t, D0: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+    """The transpose of `_rows`: [BD, len(rows)]."""
+    offs = D0 + tl.arange(0, BD)
+    return tl.load(base + rows[None, :] * s_t + offs[:, None], mask=mrow[None, :] & (offs[:, None] < D), other=0.0)
+
+
+@_device_fn
+def _store_rows(base, rows, mrow, s_t, x, D0: tl.constexpr, BD: tl.constexpr, D: tl.constexpr):
+    offs = D0 + tl.arange(0, BD)
+    tl.store(base + rows[:, None] * s_t + offs[None, :], _cast(x, base.dtype.element_ty),
+             mask=mrow[:, None] & (offs[None, :] < D))
+
+
+@_device_fn
+def _onehot(offs, L, b0, NB: tl.constexpr):
+    """[len(offs), NB] fp32: 1 where block(offs) - b0 equals the column."""
+    c = tl.arange(0, NB)
+    return tl.where((offs // L - b0)[:, None] == c[None, :], 1.0, 0.0)
+
+
+@_device_fn
+def _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M,
+              WMODE: tl.constexpr, NB: tl.constexpr, WPREC: tl.constexpr):
+    """[BQ, BK] fp32 tile of W[block(t), block(u)] (zero for masked rows and columns)."""
+    if WMODE == 2:  # the tile pair lies inside one block pair
+        wg = tl.load(wb + (q0 // L) * M + k0 // L)
+    elif WMODE == 1:
+        jk0 = k0 // L
+        cj = jk0 + tl.arange(0, NB)
+        wrow = tl.load(wb + (offs_q // L)[:, None] * M + cj[None, :],
+                       mask=mq[:, None] & (cj[None, :] < M), other=0.0)
+        wg = _dot(wrow, tl.trans(_onehot(offs_k, L, jk0, NB)), None, WPREC)
+    else:
+        wg = tl.load(wb + (offs_q // L)[:, None] * M + (offs_k // L)[None, :],
+                     mask=mq[:, None] & mk[None, :], other=0.0)
+    return wg
+
+
+@_device_fn
+def _scores(a1, a2, b1, b2, PREC: tl.constexpr, HAS2: tl.constexpr):
+    """a1 b1 (+ a2 b2 for a split head dim), fp32."""
+    s = _dot(a1, b1, None, PREC)
+    if HAS2:
+        s = _dot(a2, b2, s, PREC)
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _par_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, den_ptr, o_ptr, r_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+    sw_h, H, N, L, M, scale, eps,
+    DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+    DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr,
+    NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
+):
+    """o and r of one query tile (program 0) of one (b, h) (program 1)."""
+    pq = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qb = q_ptr + b * sq_b + h * sq_h
+    kb = k_ptr + b * sk_b + h * sk_h
+    vb = v_ptr + b * sv_b + h * sv_h
+    wb = w_ptr + h * sw_h
+    dt = q_ptr.dtype.element_ty
+    q0 = pq * BQ
+    offs_q = q0 + tl.arange(0, BQ)
+    mq = offs_q < N
+    q1 = _rows(qb, offs_q, mq, sq_t, 0, DK1, DK)
+    q2 = q1
+    if DK2 > 0:
+        q2 = _rows(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+    acc1 = tl.zeros([BQ, DV1], dtype=tl.float32)
+    acc2 = tl.zeros([BQ, DV2P], dtype=tl.float32)
+    den = tl.zeros([BQ], dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < N
+        kt1 = _rows_t(kb, offs_k, mk, sk_t, 0, DK1, DK)
+        kt2 = kt1
+        if DK2 > 0:
+            kt2 = _rows_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+        s = _scores(q1, q2, kt1, kt2, PREC, DK2 > 0)
+        a = s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC) * scale
+        if NORM == 1:
+            den += tl.sum(a, axis=1)
+        a_d = _cast(a, dt)
+        acc1 = _dot(a_d, _rows(vb, offs_k, mk, sv_t, 0, DV1, DV), acc1, PREC)
+        if DV2 > 0:
+            acc2 = _dot(a_d, _rows(vb, offs_k, mk, sv_t, DV1, DV2, DV), acc2, PREC)
+    if NORM == 1:
+        r = 1.0 / (den + eps)
+    elif NORM == 2:
+        r = 1.0 / tl.load(den_ptr + bh.to(tl.int64) * N + offs_q, mask=mq, other=1.0)
+    else:
+        r = tl.full([BQ], 1.0, tl.float32)
+    ob = o_ptr + b * so_b + h * so_h
+    _store_rows(ob, offs_q, mq, so_t, acc1 * r[:, None], 0, DV1, DV)
+    if DV2 > 0:
+        _store_rows(ob, offs_q, mq, so_t, acc2 * r[:, None], DV1, DV2, DV)
+    if NORM > 0:
+        tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=mq)
+
+
+@triton.jit
+def _par_dq_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+    sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
+    sw_h, H, N, L, M, scale,
+    DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+    DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr,
+    NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
+):
+    """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile."""
+    pq = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qb = q_ptr + b * sq_b + h * sq_h
+    kb = k_ptr + b * sk_b + h * sk_h
+    vb = v_ptr + b * sv_b + h * sv_h
+    ob = o_ptr + b * so_b + h * so_h
+    db = do_ptr + b * sd_b + h * sd_h
+    wb = w_ptr + h * sw_h
+    dt = q_ptr.dtype.element_ty
+    q0 = pq * BQ
+    offs_q = q0 + tl.arange(0, BQ)
+    mq = offs_q < N
+    q1 = _rows(qb, offs_q, mq, sq_t, 0, DK1, DK)
+    q2 = q1
+    if DK2 > 0:
+        q2 = _rows(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+    do1 = _rows(db, offs_q, mq, sd_t, 0, DV1, DV)
+    do2 = do1
+    if DV2 > 0:
+        do2 = _rows(db, offs_q, mq, sd_t, DV1, DV2, DV)
+    rq = bh.to(tl.int64) * N + offs_q
+    if NORM > 0:
+        r = tl.load(r_ptr + rq, mask=mq, other=0.0)
+        delta = tl.sum(do1.to(tl.float32) * _rows(ob, offs_q, mq, so_t, 0, DV1, DV).to(tl.float32), axis=1)
+        if DV2 > 0:
+            delta += tl.sum(do2.to(tl.float32) * _rows(ob, offs_q, mq, so_t, DV1, DV2, DV).to(tl.float32), axis=1)
+        tl.store(delta_ptr + rq, delta, mask=mq)
+    dq1 = tl.zeros([BQ, DK1], dtype=tl.float32)
+    dq2 = tl.zeros([BQ, DK2P], dtype=tl.float32)
+    for k0 in range(0, N, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < N
+        kt1 = _rows_t(kb, offs_k, mk, sk_t, 0, DK1, DK)
+        kt2 = kt1
+        if DK2 > 0:
+            kt2 = _rows_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+        vt1 = _rows_t(vb, offs_k, mk, sv_t, 0, DV1, DV)
+        vt2 = vt1
+        if DV2 > 0:
+            vt2 = _rows_t(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+        dp = _scores(do1, do2, vt1, vt2, PREC, DV2 > 0)
+        if NORM == 1:
+            dp = (dp - delta[:, None]) * r[:, None]
+        elif NORM == 2:
+            dp = dp * r[:, None]
+        ds = _cast(dp * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC), dt)
+        dq1 = _dot(ds, tl.trans(kt1), dq1, PREC)
+        if DK2 > 0:
+            dq2 = _dot(ds, tl.trans(kt2), dq2, PREC)
+    dqb = dq_ptr + b * sdq_b + h * sdq_h
+    _store_rows(dqb, offs_q, mq, sdq_t, dq1 * scale, 0, DK1, DK)
+    if DK2 > 0:
+        _store_rows(dqb, offs_q, mq, sdq_t, dq2 * scale, DK1, DK2, DK)
+
+
+@triton.jit
+def _par_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, w_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
+    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    sw_h, H, N, L, M, scale,
+    DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
+    DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr,
+    NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, NBQ: tl.constexpr,
+    PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr,
+):
+    """dk, dv of one key tile and its (b, h) share of dW, in the transposed frame [key, query]."""
+    pk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    qb = q_ptr + b * sq_b + h * sq_h
+    kb = k_ptr + b * sk_b + h * sk_h
+    vb = v_ptr + b * sv_b + h * sv_h
+    db = do_ptr + b * sd_b + h * sd_h
+    wb = w_ptr + h * sw_h
+    dwb = dw_ptr + bh.to(tl.int64) * M * M
+    dt = q_ptr.dtype.element_ty
+    k0 = pk * BK
+    offs_k = k0 + tl.arange(0, BK)
+    mk = offs_k < N
+    k1 = _rows(kb, offs_k, mk, sk_t, 0, DK1, DK)
+    k2 = k1
+    if DK2 > 0:
+        k2 = _rows(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+    v1 = _rows(vb, offs_k, mk, sv_t, 0, DV1, DV)
+    v2 = v1
+    if DV2 > 0:
+        v2 = _rows(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+    jk0 = k0 // L
+    if WMODE != 2:
+        ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
+    dk1 = tl.zeros([BK, DK1], dtype=tl.float32)
+    dk2 = tl.zeros([BK, DK2P], dtype=tl.float32)
+    dv1 = tl.zeros([BK, DV1], dtype=tl.float32)
+    dv2 = tl.zeros([BK, DV2P], dtype=tl.float32)
+    for q0 in range(0, N, BQ):
+        offs_q = q0 + tl.arange(0, BQ)
+        mq = offs_q < N
+        qt1 = _rows_t(qb, offs_q, mq, sq_t, 0, DK1, DK)
+        qt2 = qt1
+        if DK2 > 0:
+            qt2 = _rows_t(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+        st = _scores(k1, k2, qt1, qt2, PREC, DK2 > 0) * scale  # s_tu as [u, t]
+        if WMODE == 2:
+            wt = tl.load(wb + (q0 // L) * M + jk0)
+        else:
+            wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
+        dot1 = _rows_t(db, offs_q, mq, sd_t, 0, DV1, DV)
+        dot2 = dot1
+        if DV2 > 0:
+            dot2 = _rows_t(db, offs_q, mq, sd_t, DV1, DV2, DV)
+        dpt = _scores(v1, v2, dot1, dot2, PREC, DV2 > 0)  # dO_t . v_u as [u, t]
+        rq = bh.to(tl.int64) * N + offs_q
+        if NORM > 0:
+            r = tl.load(r_ptr + rq, mask=mq, other=0.0)
+            pt = _cast(st * wt * r[None, :], dt)
+            if NORM == 1:
+                delta = tl.load(delta_ptr + rq, mask=mq, other=0.0)
+                dpt = (dpt - delta[None, :]) * r[None, :]
+            else:
+                dpt = dpt * r[None, :]
+        else:
+            pt = _cast(st * wt, dt)
+        dv1 = _dot(pt, tl.trans(dot1), dv1, PREC)
+        if DV2 > 0:
+            dv2 = _dot(pt, tl.trans(dot2), dv2, PREC)
+        dst = _cast(dpt * wt, dt)
+        dk1 = _dot(dst, tl.trans(qt1), dk1, PREC)
+        if DK2 > 0:
+            dk2 = _dot(dst, tl.trans(qt2), dk2, PREC)
+        if NEED_DW:
+            g = dpt * st  # dA_tu s_tu as [u, t]
+            if WMODE == 2:
+                tl.atomic_add(dwb + (q0 // L) * M + jk0, tl.sum(tl.sum(g, axis=1), axis=0))
+            else:
+                iq0 = q0 // L
+                gk = _dot(ek_t, g, None, WPREC)  # [NB, BQ]: summed over the keys of each block
+                gkq = _dot(gk, _onehot(offs_q, L, iq0, NBQ), None, WPREC)  # [NB (j), NBQ (i)]
+                cj = jk0 + tl.arange(0, NB)
+                ci = iq0 + tl.arange(0, NBQ)
+                tl.atomic_add(dwb + ci[None, :] * M + cj[:, None], gkq,
+                              mask=(cj[:, None] < M) & (ci[None, :] < M))
+    dkb = dk_ptr + b * sdk_b + h * sdk_h
+    dvb = dv_ptr + b * sdv_b + h * sdv_h
+    _store_rows(dkb, offs_k, mk, sdk_t, dk1 * scale, 0, DK1, DK)
+    if DK2 > 0:
+        _store_rows(dkb, offs_k, mk, sdk_t, dk2 * scale, DK1, DK2, DK)
+    _store_rows(dvb, offs_k, mk, sdv_t, dv1, 0, DV1, DV)
+    if DV2 > 0:
+        _store_rows(dvb, offs_k, mk, sdv_t, dv2, DV1, DV2, DV)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(x, 1) - 1).bit_length())
+
+
+def split_dim(d: int) -> tuple[int, int]:
+    """A head dim as a power-of-two tile plus a tail tile (0 when none): 72 -> (64, 16), 96 -> (64, 32)."""
+    if d <= 16:
+        return 16, 0
+    d1 = 1 << (d.bit_length() - 1)
+    if d1 == d:
+        return d, 0
+    tail = _pow2(d - d1)
+    if tail >= d1:  # the split saves nothing
+        return 2 * d1, 0
+    return d1, tail
+
+
+def _blocks_in_window(width: int, L: int) -> int:
+    """Most blocks of L tokens that `width` consecutive tokens starting at a multiple of width touch."""
+    if width % L == 0:
+        return width // L
+    if L % width == 0:
+        return 1
+    return -(-(width - 1) // L) + 1
+
+
+@dataclass(frozen=True)
+class ParallelTiles:
+    """Tile sizes and launch settings of the parallel path (one set per kernel)."""
+
+    fwd_bq: int = 64
+    fwd_bk: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 2
+    dq_bq: int = 64
+    dq_bk: int = 64
+    dq_warps: int = 4
+    dq_stages: int = 2
+    dkdv_bq: int = 64
+    dkdv_bk: int = 64
+    dkdv_warps: int = 4
+    dkdv_stages: int = 2
+    w_mode: str = "auto"  # "auto", "gather", "onehot" (scalar whenever a tile pair lies in one block pair)
+
+    def __post_init__(self) -> None:
+        if self.w_mode not in ("auto", "gather", "onehot"):
+            raise ValueError(f"w_mode must be 'auto', 'gather' or 'onehot', got {self.w_mode!r}")
+        for name in ("fwd_bq", "fwd_bk", "dq_bq", "dq_bk", "dkdv_bq", "dkdv_bk"):
+            x = getattr(self, name)
+            if x < 16 or x & (x - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {x}")
+
+
+INTERPRET_TILES = ParallelTiles(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
+
+
+def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
+    """(WMODE, NB) for a tile pair of bq queries and bk keys."""
+    if L % bq == 0 and L % bk == 0:
+        return W_SCALAR, 16
+    nb = _pow2(_blocks_in_window(bk, L))
+    if tiles.w_mode == "gather" or (tiles.w_mode == "auto" and nb > 32):
+        return W_GATHER, nb
+    return W_ONEHOT, nb
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dims(q: torch.Tensor, v: torch.Tensor) -> dict:
+    DK, DV = q.shape[-1], v.shape[-1]
+    dk1, dk2 = split_dim(DK)
+    dv1, dv2 = split_dim(DV)
+    return dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16))
+
+
+def _precisions(dtype: torch.dtype) -> dict:
+    fp32 = dtype == torch.float32
+    return dict(PREC="ieee" if fp32 else "tf32", WPREC="ieee" if fp32 else "tf32")
+
+
+def _check_tiles(tiles: ParallelTiles, dtype: torch.dtype) -> ParallelTiles:
+    return INTERPRET_TILES if INTERPRET else tiles
+
+
+def reference_denominator(q, k, w3, L: int, scale: float, eps: float):
+    """(den [B * H, N] = p~ + eps, p [B, H, M, L], z [B, M, H, Dk]) of the reference normaliser, fp32."""
+    B, N, H, DK = q.shape
+    M = N // L
+    z = k.reshape(B, M, L, H, DK).float().sum(dim=2)
+    p = torch.einsum("bmlhd,bmhd->bhml", q.reshape(B, M, L, H, DK).float(), z) * scale
+    pt = torch.matmul(w3, p)  # [Hw, M, M] @ [B, H, M, L]
+    return (pt + eps).reshape(B * H, N), p, z
+
+
+def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
+            tiles: ParallelTiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, N, H, Dv] in v.dtype, r [B * H, N] fp32: 1 / denominator, empty when norm == 0)."""
+    tiles = _check_tiles(tiles, q.dtype)
+    B, N, H, _ = q.shape
+    M = N // L
+    o = torch.empty_like(v)
+    r = torch.empty((B * H, N) if norm else (0,), dtype=torch.float32, device=q.device)
+    den = reference_denominator(q, k, w3, L, scale, eps)[0] if norm == 2 else r
+    bq, bk = min(tiles.fwd_bq, _pow2(N)), min(tiles.fwd_bk, _pow2(N))
+    wmode, nb = _w_mode(tiles, bq, bk, L)
+    _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
+        q, k, v, w3, den, o, r, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        sw_h, H, N, L, M, scale, eps, **_dims(q, v), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
+        **_precisions(q.dtype), num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+    )
+    return o, r
+
+
+def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, scale: float,
+             need_dw: bool, tiles: ParallelTiles):
+    """(dq, dk, dv, dW [Hw, M, M] fp32 or None) from the saved o and r of `forward`."""
+    tiles = _check_tiles(tiles, q.dtype)
+    B, N, H, _ = q.shape
+    M = N // L
+    BH = B * H
+    dims = _dims(q, v)
+    prec = _precisions(q.dtype)
+    delta = torch.empty((BH, N) if norm else (0,), dtype=torch.float32, device=q.device)
+    rr = r if norm else delta
+    dq = torch.empty_like(q)
+    bq, bk = min(tiles.dq_bq, _pow2(N)), min(tiles.dq_bk, _pow2(N))
+    wmode, nb = _w_mode(tiles, bq, bk, L)
+    _par_dq_kernel[(triton.cdiv(N, bq), BH)](
+        q, k, v, w3, o, do, rr, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        *_strides(do), *_strides(dq), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
+        WMODE=wmode, NB=nb, **prec, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
+    )
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dwp = torch.zeros((BH, M, M) if need_dw else (1,), dtype=torch.float32, device=q.device)
+    bq, bk = min(tiles.dkdv_bq, _pow2(N)), min(tiles.dkdv_bk, _pow2(N))
+    wmode, nb = _w_mode(tiles, bq, bk, L)
+    if wmode == W_GATHER:  # the block sums of dW use the one-hot products
+        wmode = W_ONEHOT if need_dw else W_GATHER
+    _par_dkdv_kernel[(triton.cdiv(N, bk), BH)](
+        q, k, v, w3, do, rr, delta, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
+        WMODE=wmode, NB=nb, NBQ=_pow2(_blocks_in_window(bq, L)), **prec, NEED_DW=need_dw,
+        num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
+    )
+    dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None
+    if norm == 2:
+        dq, dk, dw = _reference_terms(q, k, w3, o, do, r, delta, dq, dk, dw, L, scale, eps)
+    if dw is not None and sw_h == 0:
+        dw = dw.sum(dim=0, keepdim=True)
+    return dq, dk, dv, dw
+
+
+def _reference_terms(q, k, w3, o, do, r, delta, dq, dk, dw, L, scale, eps):
+    """Add the reference normaliser's gradient through p~ = W p to dq, dk and dW."""
+    B, N, H, DK = q.shape
+    M = N // L
+    _, p, z = reference_denominator(q, k, w3, L, scale, eps)
+    c = (-(delta * r)).view(B, H, M, L)  # dL/dp~
+    dp = torch.matmul(w3.transpose(-1, -2), c)  # [B, H, M, L]
+    if dw is not None:
+        dw = dw + torch.einsum("bhil,bhjl->hij", c, p)
+    qf = q.reshape(B, M, L, H, DK).float()
+    dq = (dq.reshape(B, M, L, H, DK).float() + scale * torch.einsum("bhml,bmhd->bmlhd", dp, z)).reshape(q.shape)
+    dz = scale * torch.einsum("bhml,bmlhd->bmhd", dp, qf)
+    dk = (dk.reshape(B, M, L, H, DK).float() + dz[:, :, None]).reshape(k.shape)
+    return dq.to(q.dtype), dk.to(k.dtype), dw
