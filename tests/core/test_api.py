@@ -11,7 +11,7 @@ def _params(fn):
 
 def test_exports():
     for name in ["mhla", "chunk_mhla", "fused_recurrent_mhla", "BlockLayout", "block_distance_mixing",
-                 "causal_mixing_init", "MHLA"]:
+                 "causal_mixing_init", "MHLA", "NoncausalConfig"]:
         assert name in mhla_core.__all__ and hasattr(mhla_core, name)
 
 
@@ -21,7 +21,7 @@ def test_signatures():
     assert _params(mhla_core.mhla) == [
         ("q", P, empty), ("k", P, empty), ("v", P, empty), ("mixing", P, empty), ("block_size", K, empty),
         ("normalize", K, True), ("normalizer", K, "exact"), ("eps", K, 1e-6), ("scale", K, None),
-        ("backend", K, "auto")]
+        ("backend", K, "auto"), ("config", K, None)]  # added 2026-12-01: the Triton path's settings
     assert _params(mhla_core.chunk_mhla) == [
         ("q", P, empty), ("k", P, empty), ("v", P, empty), ("mixing", P, empty), ("chunk_size", K, 64),
         ("scale", K, None), ("initial_state", K, None), ("output_final_state", K, False),

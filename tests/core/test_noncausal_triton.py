@@ -12,6 +12,7 @@ from mhla_core.ops.noncausal import (
     triton_ops,  # noqa: E402
 )
 from mhla_core.ops.noncausal import triton_kernels as K  # noqa: E402
+from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -32,6 +33,14 @@ def knobs(monkeypatch):
     return set_
 
 
+def _config(knobs, path):
+    """The config that forces `path`: "parallel", or "state" / "direct" (the state kernels' variants)."""
+    if path == "parallel":
+        return NoncausalConfig(path="parallel")
+    knobs(FORCE_PATH=path)
+    return NoncausalConfig(path="state")
+
+
 def _inputs(B, H, M, L, Dk, Dv, per_head, seed=0):
     g = torch.Generator().manual_seed(seed)
     N = M * L
@@ -47,15 +56,22 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.float32, scale=None):
-    """Max relative error of o, dq, dk, dv, dW: triton in `dtype` vs the reference on the same inputs."""
+def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.float32, scale=None,
+             config=None, transposed=False):
+    """Max relative error of o, dq, dk, dv, dW: triton in `dtype` vs the reference on the same inputs.
+
+    transposed: the Triton inputs are [B, N, H, D] views of [B, H, N, D] tensors.
+    """
     q, k, v, w, do = _inputs(B, H, M, L, Dk, Dv, per_head)
     kw = dict(block_size=L, normalize=normalize, normalizer=normalizer, scale=scale)
     results = []
     for backend, dt in (("triton", dtype), ("torch", torch.float64)):
-        leaves = [t.to(DEVICE, dt).requires_grad_() for t in (q, k, v)]
+        leaves = [t.to(DEVICE, dt) for t in (q, k, v)]
+        if transposed and backend == "triton":
+            leaves = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves]
+        leaves = [t.requires_grad_() for t in leaves]
         leaves.append(w.to(DEVICE, torch.float32 if backend == "triton" else dt).requires_grad_())
-        out = mhla(*leaves, backend=backend, **kw)
+        out = mhla(*leaves, backend=backend, config=config if backend == "triton" else None, **kw)
         if backend == "triton":
             assert out.dtype == dtype and out.shape == (B, M * L, H, Dv)
         grads = torch.autograd.grad(out, leaves, do.to(DEVICE, out.dtype))
@@ -65,13 +81,13 @@ def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.fl
     return max(errs), errs
 
 
-@pytest.mark.parametrize("path", ["state", "direct"])
+@pytest.mark.parametrize("path", ["state", "direct", "parallel"])
 @pytest.mark.parametrize("normalize,normalizer", VARIANTS)
 @pytest.mark.parametrize("per_head", [False, True])
 def test_fp32_matches_reference(knobs, path, normalize, normalizer, per_head):
-    knobs(FORCE_PATH=path)
+    cfg = _config(knobs, path)
     shape = (2, 2, 5, 6, 16, 32) if per_head else (1, 2, 4, 10, 32, 16)  # Dk != Dv both ways
-    err, errs = _compare(*shape, per_head, normalize, normalizer)
+    err, errs = _compare(*shape, per_head, normalize, normalizer, config=cfg)
     assert err < TOL[torch.float32], errs
 
 
@@ -88,18 +104,18 @@ def test_several_dv_tiles_and_row_tiles(knobs, normalize, normalizer):
     """Dv split over programs (program 0 does dq, dk), mixing with several row tiles, split dW."""
     knobs(FORCE_PATH="state", MAX_BLOCK_DV=16, mix={"BLOCK_I": 16, "BLOCK_I_LARGE": 16},
           dw={"BLOCK_I": 16, "BLOCK_C": 64, "min_programs": 64})
-    err, errs = _compare(1, 1, 17, 3, 24, 40, True, normalize, normalizer)
+    err, errs = _compare(1, 1, 17, 3, 24, 40, True, normalize, normalizer, config=NoncausalConfig(path="state"))
     assert err < TOL[torch.float32], errs
 
 
 HALF_CASES = [(torch.bfloat16, "exact"), (torch.bfloat16, "reference"), (torch.float16, "exact")]
 
 
-@pytest.mark.parametrize("path", ["state", "direct"])
+@pytest.mark.parametrize("path", ["state", "direct", "parallel"])
 @pytest.mark.parametrize("dtype,normalizer", HALF_CASES)
 def test_half_precision(knobs, dtype, path, normalizer):
-    knobs(FORCE_PATH=path)
-    err, errs = _compare(2, 2, 5, 6, 16, 32, path == "state", True, normalizer, dtype=dtype)
+    cfg = _config(knobs, path)
+    err, errs = _compare(2, 2, 5, 6, 16, 32, path != "direct", True, normalizer, dtype=dtype, config=cfg)
     assert err < TOL[dtype], errs
 
 
@@ -118,7 +134,7 @@ def test_strided_views_and_frozen_mixing():
     assert _rel(out, ref) < 1e-4 and _rel(grad, ref_grad) < 1e-4
 
 
-def test_path_choice():
+def test_state_variant_choice():
     q = torch.empty(1, 256, 6, 64)
     assert K.make_plan(q, q, 16, K.NORM_EXACT).direct  # DiT-S: 16 blocks of 16 tokens
     q = torch.empty(1, 31500, 1, 128)
@@ -134,21 +150,21 @@ def test_float64_raises():
 def _op_args(normalize=True, normalizer="exact", per_head=False):
     q, k, v, w, do = _inputs(1, 2, 3, 4, 16, 16, per_head, seed=2)
     q, k, v, w, do = (t.to(DEVICE) for t in (q, k, v, w, do))
-    return q, k, v, w, do, (4, normalize, normalizer, 1e-6, 0.25)
+    return q, k, v, w, do, (4, normalize, normalizer, 1e-6, 0.25, "auto")
 
 
 def test_custom_op_autograd_matches_eager():
     q, k, v, w, do, cfg = _op_args(normalizer="reference", per_head=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
-    out = torch.ops.mhla.noncausal_fwd(*leaves, *cfg)
+    out = torch.ops.mhla.noncausal_fwd(*leaves, *cfg)[0]
     grads = torch.autograd.grad(out, leaves, do)
     leaves2 = [t.clone().requires_grad_() for t in (q, k, v, w)]
-    out2 = triton_ops.mhla_triton(*leaves2, *cfg)
+    out2 = triton_ops.mhla_triton(*leaves2, *cfg[:-1])
     grads2 = torch.autograd.grad(out2, leaves2, do)
     for a, b in zip([out, *grads], [out2, *grads2]):
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # inference path, without the autograd function
-        torch.testing.assert_close(triton_ops.mhla_triton(q, k, v, w, *cfg), out2.detach())
+        torch.testing.assert_close(triton_ops.mhla_triton(q, k, v, w, *cfg[:-1]), out2.detach())
 
 
 @pytest.mark.parametrize("normalize,normalizer", [(True, "exact"), (True, "reference")])
@@ -156,8 +172,9 @@ def test_opcheck(normalize, normalizer):
     q, k, v, w, do, cfg = _op_args(normalize, normalizer)
     leaves = [t.requires_grad_() for t in (q, k, v, w)]
     torch.library.opcheck(torch.ops.mhla.noncausal_fwd.default, (*leaves, *cfg))
+    o, r = (t.detach() for t in torch.ops.mhla.noncausal_fwd(*leaves, *cfg))
     plain = [t.detach() for t in (do, q, k, v, w)]
-    torch.library.opcheck(torch.ops.mhla.noncausal_bwd.default, (*plain, *cfg, True))
+    torch.library.opcheck(torch.ops.mhla.noncausal_bwd.default, (*plain, o, r, *cfg[:-1], True, cfg[-1]))
 
 
 def test_torch_compile_fullgraph():
@@ -205,15 +222,16 @@ def test_launch_falls_back_on_shared_memory_overflow():
     assert calls == [(16, 1)]  # the working setting is remembered
 
 
-@pytest.mark.parametrize("path", ["state", "direct"])
+@pytest.mark.parametrize("path", ["state", "direct", "parallel"])
 def test_fp16_state_beyond_fp16_range(knobs, path):
     """fp16 inputs whose mixed state exceeds 65504 (the output does not): no overflow."""
-    knobs(FORCE_PATH=path)
+    cfg = _config(knobs, path)
     B, H, M, L, D = 1, 2, 2, 12, 16
     q, k, _, _, do = _inputs(B, H, M, L, D, D, False, seed=3)
     v = 3000.0 + 100.0 * torch.randn(B, M * L, H, D)
     w = torch.full((M, M), 2.0)
-    out = mhla(*(t.to(DEVICE, torch.float16) for t in (q, k, v)), w.to(DEVICE), block_size=L, backend="triton")
+    out = mhla(*(t.to(DEVICE, torch.float16) for t in (q, k, v)), w.to(DEVICE), block_size=L, backend="triton",
+               config=cfg)
     ref = mhla(q.double(), k.double(), v.double(), w.double(), block_size=L, backend="torch")
     assert torch.isfinite(out).all() and _rel(out.cpu(), ref) < 1e-2
 
@@ -223,5 +241,6 @@ def test_fp16_state_beyond_fp16_range(knobs, path):
 def test_mixing_implementations(knobs, mix_impl, mix_prec, per_head):
     """The cuBLAS mixing (MIX_IMPL="matmul") and bf16 mixing operands still match the reference."""
     knobs(MIX_IMPL=mix_impl, MIX_PREC_HALF=mix_prec, FORCE_PATH="state")
-    err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16)
+    err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16,
+                         config=NoncausalConfig(path="state"))
     assert err < TOL[torch.bfloat16], errs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mhla_core.ops.noncausal.naive import mhla_naive
+from mhla_core.ops.noncausal.plan import NoncausalConfig
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
 
 NORMALIZERS = ("exact", "reference")
@@ -46,6 +47,7 @@ def mhla(
     eps: float = 1e-6,
     scale: float | None = None,
     backend: str = "auto",
+    config: NoncausalConfig | None = None,
 ) -> torch.Tensor:
     """Non-causal multi-head linear attention over blocks of `block_size` tokens.
 
@@ -59,6 +61,8 @@ def mhla(
         eps: added to the denominator.
         scale: query scale, default Dk ** -0.5.
         backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
+        config: Triton path settings (`NoncausalConfig`: which path, tile sizes); default: the
+            cost model's choice per shape.
 
     Returns:
         [B, N, H, Dv] in v.dtype.
@@ -70,8 +74,11 @@ def mhla(
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     s = default_scale(q.shape[-1], scale)
     backend = resolve_backend(backend, q.device, mhla_triton is not None, v.dtype)
-    fn = mhla_triton if backend == "triton" else mhla_naive
-    return fn(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
+    if backend == "triton":
+        return mhla_triton(q, k, v, mixing, block_size, normalize, normalizer, eps, s, config=config)
+    if config is not None and not isinstance(config, NoncausalConfig):
+        raise ValueError(f"config must be a NoncausalConfig or None, got {type(config).__name__}")
+    return mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
 
 
-__all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS"]
+__all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig"]

@@ -159,8 +159,7 @@ def _par_fwd_kernel(
     _store_rows(ob, offs_q, mq, so_t, acc1 * r[:, None], 0, DV1, DV)
     if DV2 > 0:
         _store_rows(ob, offs_q, mq, so_t, acc2 * r[:, None], DV1, DV2, DV)
-    if NORM > 0:
-        tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=mq)
+    tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=mq)
 
 
 @triton.jit
@@ -174,25 +173,20 @@ def _par_dq_kernel(
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
 ):
-    """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile."""
+    """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (q itself is not needed)."""
     pq = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
     ob = o_ptr + b * so_b + h * so_h
     db = do_ptr + b * sd_b + h * sd_h
     wb = w_ptr + h * sw_h
-    dt = q_ptr.dtype.element_ty
+    dt = k_ptr.dtype.element_ty
     q0 = pq * BQ
     offs_q = q0 + tl.arange(0, BQ)
     mq = offs_q < N
-    q1 = _rows(qb, offs_q, mq, sq_t, 0, DK1, DK)
-    q2 = q1
-    if DK2 > 0:
-        q2 = _rows(qb, offs_q, mq, sq_t, DK1, DK2, DK)
     do1 = _rows(db, offs_q, mq, sd_t, 0, DV1, DV)
     do2 = do1
     if DV2 > 0:
@@ -391,6 +385,11 @@ class ParallelTiles:
 INTERPRET_TILES = ParallelTiles(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
 
 
+def default_tiles() -> ParallelTiles:
+    """The GPU defaults; small tiles under the Triton interpreter (CPU tests)."""
+    return INTERPRET_TILES if INTERPRET else ParallelTiles()
+
+
 def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     """(WMODE, NB) for a tile pair of bq queries and bk keys."""
     if L % bq == 0 and L % bk == 0:
@@ -417,10 +416,6 @@ def _precisions(dtype: torch.dtype) -> dict:
     return dict(PREC="ieee" if fp32 else "tf32", WPREC="ieee" if fp32 else "tf32")
 
 
-def _check_tiles(tiles: ParallelTiles, dtype: torch.dtype) -> ParallelTiles:
-    return INTERPRET_TILES if INTERPRET else tiles
-
-
 def reference_denominator(q, k, w3, L: int, scale: float, eps: float):
     """(den [B * H, N] = p~ + eps, p [B, H, M, L], z [B, M, H, Dk]) of the reference normaliser, fp32."""
     B, N, H, DK = q.shape
@@ -433,12 +428,11 @@ def reference_denominator(q, k, w3, L: int, scale: float, eps: float):
 
 def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
             tiles: ParallelTiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, N, H, Dv] in v.dtype, r [B * H, N] fp32: 1 / denominator, empty when norm == 0)."""
-    tiles = _check_tiles(tiles, q.dtype)
+    """(o [B, N, H, Dv] in v.dtype, r [B * H, N] fp32: 1 / denominator, ones when norm == 0)."""
     B, N, H, _ = q.shape
     M = N // L
     o = torch.empty_like(v)
-    r = torch.empty((B * H, N) if norm else (0,), dtype=torch.float32, device=q.device)
+    r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     den = reference_denominator(q, k, w3, L, scale, eps)[0] if norm == 2 else r
     bq, bk = min(tiles.fwd_bq, _pow2(N)), min(tiles.fwd_bk, _pow2(N))
     wmode, nb = _w_mode(tiles, bq, bk, L)
@@ -453,7 +447,6 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
 def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, scale: float,
              need_dw: bool, tiles: ParallelTiles):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) from the saved o and r of `forward`."""
-    tiles = _check_tiles(tiles, q.dtype)
     B, N, H, _ = q.shape
     M = N // L
     BH = B * H

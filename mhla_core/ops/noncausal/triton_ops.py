@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from mhla_core.ops.noncausal import parallel as P
 from mhla_core.ops.noncausal import triton_kernels as K
+from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, PATHS, NoncausalConfig, choose_path
 
 _NORM = {"exact": K.NORM_EXACT, "reference": K.NORM_REFERENCE}
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,23 +40,41 @@ def _prepare(q, k, v):
     return tuple(_unit_stride(t.to(dt)) for t in (q, k, v))
 
 
-def _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale) -> torch.Tensor:
+def _path(q_, v_, block_size: int, cfg: NoncausalConfig) -> str:
+    B, N, H, DK = q_.shape
+    return choose_path(B, H, N, block_size, DK, v_.shape[-1], q_.element_size(), cfg)
+
+
+def _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg):
+    """(o in v.dtype, r [B * H, N] fp32): r is the parallel path's saved 1 / denominator (unused otherwise)."""
     out_dtype = v.dtype
     q_, k_, v_ = _prepare(q, k, v)
+    B, N, H, _ = q.shape
+    empty = q_.new_zeros((B * H, N), dtype=torch.float32)
     if q_.numel() == 0 or v_.numel() == 0:
-        return torch.zeros(v.shape, dtype=out_dtype, device=v.device)
-    o = K.forward(q_, k_, v_, mixing, block_size, _norm_mode(normalize, normalizer), eps, scale)
-    return o.to(out_dtype)
+        return torch.zeros(v.shape, dtype=out_dtype, device=v.device), empty
+    norm = _norm_mode(normalize, normalizer)
+    if _path(q_, v_, block_size, cfg) == "parallel":
+        w3, sw_h = K._mixing3(mixing)
+        o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel)
+        return o.to(out_dtype), r
+    o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale)
+    return o.to(out_dtype), empty
 
 
-def _backward(do, q, k, v, mixing, block_size, normalize, normalizer, eps, scale, need_dmixing):
+def _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, cfg):
     q_, k_, v_ = _prepare(q, k, v)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mixing)
     do_ = _unit_stride(do.to(v_.dtype))
-    dq, dk, dv, dw = K.backward(
-        do_, q_, k_, v_, mixing, block_size, _norm_mode(normalize, normalizer), eps, scale, need_dmixing
-    )
+    norm = _norm_mode(normalize, normalizer)
+    if _path(q_, v_, block_size, cfg) == "parallel":
+        w3, sw_h = K._mixing3(mixing)
+        o_ = _unit_stride(o.to(v_.dtype))
+        dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
+                                    need_dmixing, cfg.parallel)
+    else:
+        dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, need_dmixing)
     dw = torch.zeros_like(mixing) if dw is None else dw.reshape(mixing.shape).to(mixing.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw
 
@@ -65,21 +85,26 @@ def _backward(do, q, k, v, mixing, block_size, normalize, normalizer, eps, scale
 
 class _MHLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mixing, block_size, normalize, normalizer, eps, scale):
-        o = _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale)
-        ctx.save_for_backward(q, k, v, mixing)
-        ctx.cfg = (block_size, normalize, normalizer, eps, scale)
+    def forward(ctx, q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg):
+        o, r = _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg)
+        ctx.save_for_backward(q, k, v, mixing, o, r)
+        ctx.args = (block_size, normalize, normalizer, eps, scale)
+        ctx.cfg = cfg
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, mixing = ctx.saved_tensors
-        dq, dk, dv, dw = _backward(do, q, k, v, mixing, *ctx.cfg, ctx.needs_input_grad[3])
-        return dq, dk, dv, dw, None, None, None, None, None
+        q, k, v, mixing, o, r = ctx.saved_tensors
+        dq, dk, dv, dw = _backward(do, q, k, v, mixing, o, r, *ctx.args, ctx.needs_input_grad[3], ctx.cfg)
+        return dq, dk, dv, dw, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
 # custom ops (torch.compile path)
+
+
+def _config_for(path: str) -> NoncausalConfig:
+    return DEFAULT_CONFIG if path == DEFAULT_CONFIG.path else NoncausalConfig(path=path)
 
 
 @torch.library.custom_op("mhla::noncausal_fwd", mutates_args=())
@@ -93,14 +118,16 @@ def noncausal_fwd(
     normalizer: str,
     eps: float,
     scale: float,
-) -> torch.Tensor:
-    """Non-causal MHLA forward on checked inputs (see `mhla_core.ops.noncausal.mhla`)."""
-    return _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale)
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal MHLA forward on checked inputs: (o, r), r the saved normaliser of the parallel path."""
+    return _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, _config_for(path))
 
 
 @noncausal_fwd.register_fake
-def _(q, k, v, mixing, block_size, normalize, normalizer, eps, scale):
-    return v.new_empty(v.shape)
+def _(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, path):
+    B, N, H, _ = q.shape
+    return v.new_empty(v.shape), q.new_empty((B * H, N), dtype=torch.float32)
 
 
 @torch.library.custom_op("mhla::noncausal_bwd", mutates_args=())
@@ -110,32 +137,39 @@ def noncausal_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     mixing: torch.Tensor,
+    o: torch.Tensor,
+    r: torch.Tensor,
     block_size: int,
     normalize: bool,
     normalizer: str,
     eps: float,
     scale: float,
     need_dmixing: bool,
+    path: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dmixing) of `noncausal_fwd` for the output gradient `do`."""
-    return _backward(do, q, k, v, mixing, block_size, normalize, normalizer, eps, scale, need_dmixing)
+    return _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing,
+                     _config_for(path))
 
 
 @noncausal_bwd.register_fake
-def _(do, q, k, v, mixing, block_size, normalize, normalizer, eps, scale, need_dmixing):
+def _(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, path):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), mixing.new_empty(mixing.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mixing, *cfg = inputs
-    ctx.save_for_backward(q, k, v, mixing)
-    ctx.cfg = tuple(cfg)
+    q, k, v, mixing, *args = inputs
+    ctx.save_for_backward(q, k, v, mixing, *output)
+    ctx.args = tuple(args[:-1])
+    ctx.path = args[-1]
 
 
-def _op_backward(ctx, do):
-    q, k, v, mixing = ctx.saved_tensors
-    dq, dk, dv, dw = torch.ops.mhla.noncausal_bwd(do, q, k, v, mixing, *ctx.cfg, ctx.needs_input_grad[3])
-    return dq, dk, dv, dw, None, None, None, None, None
+def _op_backward(ctx, do, _dr):
+    q, k, v, mixing, o, r = ctx.saved_tensors
+    dq, dk, dv, dw = torch.ops.mhla.noncausal_bwd(
+        do, q, k, v, mixing, o, r, *ctx.args, ctx.needs_input_grad[3], ctx.path
+    )
+    return dq, dk, dv, dw, None, None, None, None, None, None
 
 
 noncausal_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -151,14 +185,22 @@ def mhla_triton(
     normalizer: str = "exact",
     eps: float = 1e-6,
     scale: float = 1.0,
+    config: NoncausalConfig | None = None,
 ) -> torch.Tensor:
-    """Non-causal MHLA with the Triton kernels; same arguments and result as `mhla_naive`."""
+    """Non-causal MHLA with the Triton kernels; same arguments and result as `mhla_naive`.
+
+    `config` sets the path and the parallel path's tiles (default `DEFAULT_CONFIG`); under
+    torch.compile only its `path` is honoured.
+    """
+    cfg = DEFAULT_CONFIG if config is None else config
+    if not isinstance(cfg, NoncausalConfig):
+        raise ValueError(f"config must be a NoncausalConfig or None, got {type(config).__name__}")
     args = (q, k, v, mixing, int(block_size), bool(normalize), str(normalizer), float(eps), float(scale))
     if torch.compiler.is_compiling():
-        return torch.ops.mhla.noncausal_fwd(*args)
+        return torch.ops.mhla.noncausal_fwd(*args, cfg.path)[0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mixing)):
-        return _MHLAFunction.apply(*args)
-    return _forward(*args)  # inference: skip the autograd bookkeeping
+        return _MHLAFunction.apply(*args, cfg)
+    return _forward(*args, cfg)[0]  # inference: skip the autograd bookkeeping
 
 
-__all__ = ["mhla_triton", "noncausal_fwd", "noncausal_bwd"]
+__all__ = ["mhla_triton", "noncausal_fwd", "noncausal_bwd", "NoncausalConfig", "PATHS"]

@@ -1,0 +1,80 @@
+"""Which path runs a non-causal MHLA call: the parallel (quadratic) kernels or the block-state kernels.
+
+The choice comes from a cost model of the forward + backward on an H200 (docs/kernels.md fits it):
+
+    parallel: 16 N^2 (Dk' + Dv') / 2 FLOPs per (b, h) (8 tile products fwd + bwd) at PAR_FLOPS,
+              Dk', Dv' the head dims after the power-of-two-plus-tail split
+    state:    ~15 passes over the fp32 block states (M Dk Dv 4 bytes per (b, h)) plus 8 over the
+              tokens, at STATE_BW, plus STATE_LAUNCH for its 9 launches
+
+Both terms are per call, so the crossover moves with the batch only through launch cost.
+`NoncausalConfig` is the one object that sets the choice (tests and sweeps build their own);
+plans are cached per shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, split_dim
+
+PATHS = ("auto", "parallel", "state")
+
+
+@dataclass(frozen=True)
+class NoncausalConfig:
+    """Settings of the non-causal Triton op.
+
+    path: "auto" (cost model), "parallel" or "state" (the block-state kernels, which pick their
+    direct variant themselves). The cost constants are effective rates measured on an H200.
+    """
+
+    path: str = "auto"
+    parallel: ParallelTiles = field(default_factory=default_tiles)
+    par_flops: float = 250e12
+    par_launch: float = 8e-6
+    state_bw: float = 2.0e12
+    state_launch: float = 30e-6
+    parallel_max_tokens: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+
+
+DEFAULT_CONFIG = NoncausalConfig()
+
+
+def _padded(d: int) -> int:
+    d1, d2 = split_dim(d)
+    return d1 + d2
+
+
+def parallel_cost(BH: int, N: int, DK: int, DV: int, cfg: NoncausalConfig) -> float:
+    """Modelled seconds of one forward + backward on the parallel path."""
+    flops = 8.0 * BH * N * N * (_padded(DK) + _padded(DV))
+    return flops / cfg.par_flops + cfg.par_launch
+
+
+def state_cost(BH: int, N: int, L: int, DK: int, DV: int, esize: int, cfg: NoncausalConfig) -> float:
+    """Modelled seconds of one forward + backward on the block-state path."""
+    M = N // L
+    state_bytes = 15.0 * BH * M * (DK * DV + DK + L) * 4
+    token_bytes = 8.0 * BH * N * (DK + DV) * esize
+    return (state_bytes + token_bytes) / cfg.state_bw + cfg.state_launch
+
+
+@lru_cache(maxsize=4096)
+def choose_path(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: int, cfg: NoncausalConfig) -> str:
+    """"parallel" or "state" for one call shape."""
+    if cfg.path != "auto":
+        return cfg.path
+    if N > cfg.parallel_max_tokens:
+        return "state"
+    par = parallel_cost(B * H, N, DK, DV, cfg)
+    state = state_cost(B * H, N, L, DK, DV, esize, cfg)
+    return "parallel" if par <= state else "state"
+
+
+__all__ = ["NoncausalConfig", "DEFAULT_CONFIG", "PATHS", "choose_path", "parallel_cost", "state_cost"]

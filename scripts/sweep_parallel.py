@@ -1,0 +1,145 @@
+"""Check and time the non-causal parallel path's tile variants against the state path and SDPA (CUDA).
+
+    python scripts/sweep_parallel.py [--shapes deit dit256 ...] [--out results.json]
+
+For every shape: the parallel path in bf16 against a float64 reference on one batch entry (output and
+all four gradients), then fwd and fwd+bwd medians (triton.testing.do_bench) of each `ParallelTiles`
+variant, of the state path and of the best SDPA backend, in one run. Prints one table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhla_core import mhla  # noqa: E402
+from mhla_core.ops.noncausal.parallel import ParallelTiles  # noqa: E402
+from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
+
+SHAPES = {  # name: (B, H, N, D, M)
+    "deit": (128, 3, 256, 64, 16),
+    "dit256": (32, 16, 256, 72, 16),
+    "dit512": (16, 16, 1024, 72, 64),
+    "1k": (8, 12, 1024, 128, 16),
+    "dit1024": (4, 16, 4096, 72, 256),
+    "4k": (1, 12, 4096, 128, 64),
+}
+VARIANTS = {
+    "p64": ParallelTiles(),
+    "p128": ParallelTiles(128, 64, 8, 3, 128, 64, 8, 2, 64, 128, 8, 2),
+    "p128w4": ParallelTiles(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    "p32": ParallelTiles(64, 32, 4, 3, 64, 32, 4, 3, 32, 64, 4, 3),
+    "gather": ParallelTiles(w_mode="gather"),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(shape, cfg: NoncausalConfig, dtype=torch.bfloat16, normalizer="exact", normalize=True) -> float:
+    """Largest relative error of o, dq, dk, dv, dW on one batch entry against float64."""
+    _, H, N, D, M = shape
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k = (torch.rand(1, N, H, D, device="cuda", generator=g) for _ in range(2))
+    v, do = (torch.randn(1, N, H, D, device="cuda", generator=g) for _ in range(2))
+    w = torch.rand(M, M, device="cuda", generator=g)
+    kw = dict(block_size=N // M, normalize=normalize, normalizer=normalizer)
+    out = []
+    for dt, backend in ((dtype, "triton"), (torch.float64, "torch")):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)] + [w.to(torch.float32 if dt != torch.float64
+                                                                         else dt).requires_grad_()]
+        o = mhla(*leaves, backend=backend, config=cfg if backend == "triton" else None, **kw)
+        out.append([o, *torch.autograd.grad(o, leaves, do.to(o.dtype))])
+    errs = [_rel(a, b) for a, b in zip(*out)]
+    return float("nan") if any(e != e for e in errs) else max(errs)
+
+
+def _time(fn, inputs):
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        fwd = do_bench(fn, warmup=10, rep=50, return_mode="median")
+    out = fn()
+    grad = torch.randn_like(out)
+    fb = do_bench(lambda: torch.autograd.grad(fn(), inputs, grad), warmup=10, rep=50, return_mode="median")
+    return fwd, fb
+
+
+def sdpa_best(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    res = {}
+    for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def fn(be=be):
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        try:
+            res[name] = _time(fn, [q, k, v])
+        except RuntimeError as err:
+            print(f"    sdpa {name}: {str(err)[:80]}")
+    return min(r[0] for r in res.values()), min(r[1] for r in res.values()), res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--normalizer", default="exact")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in args.shapes:
+        B, H, N, D, M = shape = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for _ in range(3))
+        w = torch.rand(M, M, device="cuda", generator=g).requires_grad_()
+        sf, sb, detail = sdpa_best(q, k, v)
+        print(f"{name}: sdpa {detail}", flush=True)
+        row = dict(shape=name, sdpa_fwd=sf, sdpa_fb=sb)
+        cands = {"state": NoncausalConfig(path="state")}
+        cands.update({v_: NoncausalConfig(path="parallel", parallel=VARIANTS[v_]) for v_ in args.variants})
+        if N > 4096:
+            cands = {"state": cands["state"]}
+        for cname, cfg in cands.items():
+            try:
+                err = check(shape, cfg, normalizer=args.normalizer)
+                f, fb = _time(partial(mhla, q, k, v, w, block_size=N // M, normalizer=args.normalizer,
+                                      config=cfg), [q, k, v, w])
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                print(f"  {cname}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            row[cname] = (f, fb, err)
+            print(f"  {cname:8s} fwd {f:.3f} fwd+bwd {fb:.3f} err {err:.1e}  "
+                  f"(x SDPA {f / sf:.2f} / {fb / sb:.2f})", flush=True)
+        if "p64" in cands:  # [B, H, N, D] tensors viewed as [B, N, H, D]
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+            cfg = cands["p64"]
+            f, fb = _time(partial(mhla, qt, kt, vt, w, block_size=N // M, config=cfg), [qt, kt, vt, w])
+            row["p64_bhnd"] = (f, fb, 0.0)
+        rows.append(row)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    print("\n| shape | SDPA fwd / fwd+bwd ms | " + " | ".join(["state", *args.variants, "p64_bhnd"]) + " |")
+    for r in rows:
+        cells = []
+        for c in ["state", *args.variants, "p64_bhnd"]:
+            if c in r:
+                f, fb, e = r[c]
+                cells.append(f"{f:.3f}/{fb:.3f} ({f / r['sdpa_fwd']:.2f}x/{fb / r['sdpa_fb']:.2f}x) e{e:.0e}")
+            else:
+                cells.append("-")
+        print(f"| {r['shape']} | {r['sdpa_fwd']:.3f} / {r['sdpa_fb']:.3f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
