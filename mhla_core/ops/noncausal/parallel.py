@@ -372,6 +372,7 @@ class ParallelTiles:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     w_mode: str = "auto"  # "auto", "gather", "onehot" (scalar whenever a tile pair lies in one block pair)
+    split_dims: bool = True  # head dims as a power of two plus a tail tile; False pads to a power of two
 
     def __post_init__(self) -> None:
         if self.w_mode not in ("auto", "gather", "onehot"):
@@ -404,10 +405,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _dims(q: torch.Tensor, v: torch.Tensor) -> dict:
+def _dims(q: torch.Tensor, v: torch.Tensor, split: bool) -> dict:
     DK, DV = q.shape[-1], v.shape[-1]
-    dk1, dk2 = split_dim(DK)
-    dv1, dv2 = split_dim(DV)
+    dk1, dk2 = split_dim(DK) if split else (_pow2(DK), 0)
+    dv1, dv2 = split_dim(DV) if split else (_pow2(DV), 0)
     return dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16))
 
 
@@ -438,7 +439,7 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
     wmode, nb = _w_mode(tiles, bq, bk, L)
     _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
         q, k, v, w3, den, o, r, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        sw_h, H, N, L, M, scale, eps, **_dims(q, v), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
+        sw_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
         **_precisions(q.dtype), num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
     )
     return o, r
@@ -450,7 +451,7 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     B, N, H, _ = q.shape
     M = N // L
     BH = B * H
-    dims = _dims(q, v)
+    dims = _dims(q, v, tiles.split_dims)
     prec = _precisions(q.dtype)
     delta = torch.empty((BH, N) if norm else (0,), dtype=torch.float32, device=q.device)
     rr = r if norm else delta
