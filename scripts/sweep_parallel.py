@@ -65,27 +65,27 @@ def check(shape, cfg: NoncausalConfig, dtype=torch.bfloat16, normalizer="exact",
 
 
 def _time(fn, inputs):
-    """(fwd, fwd+bwd) GPU ms: CUDA-graph replays (no host launch cost), else plain do_bench."""
-    from triton.testing import do_bench, do_bench_cudagraph
+    """(fwd, fwd+bwd) ms: eager do_bench medians (host launch cost included where it dominates)."""
+    from triton.testing import do_bench
 
-    out = fn()
-    grad = torch.randn_like(out)
+    with torch.no_grad():
+        fwd = do_bench(fn, warmup=10, rep=50, return_mode="median")
+    grad = torch.randn_like(fn())
+    fb = do_bench(lambda: torch.autograd.grad(fn(), inputs, grad), warmup=10, rep=50, return_mode="median")
+    return fwd, fb
 
-    def fb():
-        return torch.autograd.grad(fn(), inputs, grad)
 
-    res = []
-    for f, nograd in ((fn, True), (fb, False)):
-        f()
-        try:
-            with torch.no_grad() if nograd else torch.enable_grad():
-                res.append(do_bench_cudagraph(f, rep=50, return_mode="median"))
-        except Exception as err:  # noqa: BLE001 - an op that cannot be captured is timed eagerly
-            print(f"    (no graph: {type(err).__name__}: {str(err)[:60]})")
-            torch.cuda.synchronize()
-            with torch.no_grad() if nograd else torch.enable_grad():
-                res.append(do_bench(f, warmup=10, rep=50, return_mode="median"))
-    return tuple(res)
+def gpu_ms(fn, inputs, steps: int = 5) -> float:
+    """Sum of CUDA kernel times of one forward + backward (torch.profiler), without host launch gaps."""
+    grad = torch.randn_like(fn())
+    torch.autograd.grad(fn(), inputs, grad)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            torch.autograd.grad(fn(), inputs, grad)
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
+    return total_us / steps / 1e3
 
 
 def host_ms(fn, reps: int = 50) -> float:
@@ -106,15 +106,17 @@ def sdpa_best(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     res = {}
+    gpu = {}
     for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         def fn(be=be):
             with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         try:
             res[name] = _time(fn, [q, k, v])
+            gpu[name] = gpu_ms(fn, [q, k, v])
         except RuntimeError as err:
             print(f"    sdpa {name}: {str(err)[:80]}")
-    return min(r[0] for r in res.values()), min(r[1] for r in res.values()), res
+    return min(r[0] for r in res.values()), min(r[1] for r in res.values()), {"eager": res, "gpu fwd+bwd": gpu}
 
 
 def main() -> None:
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--normalizer", default="exact")
+    ap.add_argument("--check-only", action="store_true", help="only the float64 checks (for compute-sanitizer)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table-from", default=None, help="print the table of the JSON files in this folder")
     args = ap.parse_args()
@@ -132,6 +135,11 @@ def main() -> None:
     rows = []
     for name in args.shapes:
         B, H, N, D, M = shape = SHAPES[name]
+        if args.check_only:
+            for vname in args.variants:
+                cfg = NoncausalConfig(path="parallel", parallel=VARIANTS[vname])
+                print(f"{name} {vname}: max rel err {check(shape, cfg, normalizer=args.normalizer):.1e}", flush=True)
+            continue
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                    for _ in range(3))
@@ -153,14 +161,16 @@ def main() -> None:
                 if "illegal memory" in str(e):
                     break
                 continue
-            row[cname] = (f, fb, err)
-            print(f"  {cname:8s} fwd {f:.3f} fwd+bwd {fb:.3f} err {err:.1e}  "
+            gpu = gpu_ms(partial(mhla, q, k, v, w, block_size=N // M, normalizer=args.normalizer, config=cfg),
+                         [q, k, v, w])
+            row[cname] = (f, fb, err, gpu)
+            print(f"  {cname:8s} fwd {f:.3f} fwd+bwd {fb:.3f} (GPU kernels {gpu:.3f}) err {err:.1e}  "
                   f"(x SDPA {f / sf:.2f} / {fb / sb:.2f})", flush=True)
         if "p64" in row:  # [B, H, N, D] tensors viewed as [B, N, H, D]
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
             cfg = cands["p64"]
             f, fb = _time(partial(mhla, qt, kt, vt, w, block_size=N // M, config=cfg), [qt, kt, vt, w])
-            row["p64_bhnd"] = (f, fb, 0.0)
+            row["p64_bhnd"] = (f, fb, 0.0, 0.0)
             row["host_fwd_ms"] = host_ms(partial(mhla, q.detach(), k.detach(), v.detach(), w.detach(),
                                                  block_size=N // M, config=cfg))
             print(f"  host ms per eager fwd call {row['host_fwd_ms']:.3f}", flush=True)
@@ -176,8 +186,9 @@ def print_table(rows, variants) -> None:
         cells = []
         for c in ["state", *variants, "p64_bhnd"]:
             if c in r:
-                f, fb, e = r[c]
-                cells.append(f"{f:.3f}/{fb:.3f} ({f / r['sdpa_fwd']:.2f}x/{fb / r['sdpa_fb']:.2f}x) e{e:.0e}")
+                f, fb, e, gpu = r[c]
+                cells.append(f"{f:.3f}/{fb:.3f} ({f / r['sdpa_fwd']:.2f}x/{fb / r['sdpa_fb']:.2f}x) "
+                             f"g{gpu:.3f} e{e:.0e}")
             else:
                 cells.append("-")
         print(f"| {r['shape']} | {r['sdpa_fwd']:.3f} / {r['sdpa_fb']:.3f} | " + " | ".join(cells) + " |")
