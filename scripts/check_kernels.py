@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from mhla_core import causal_mixing_init, chunk_mhla, mhla
+from mhla_core import NoncausalConfig, causal_mixing_init, chunk_mhla, mhla
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -31,6 +31,17 @@ NONCAUSAL = [
     (1, 2, 768, 256, 256, 3, False, True, "exact"),  # head dim 256
     (2, 2, 630, 96, 160, 7, True, True, "reference"),  # Dk != Dv, L = 90
     (1, 4, 4096, 128, 128, 1, False, True, "exact"),  # one block: linear attention
+]
+# the same fields plus the forced path and the memory layout of q, k, v ("bnhd" or "bhnd")
+NONCAUSAL_PATHS = [
+    (4, 3, 256, 64, 64, 16, False, True, "exact", "parallel", "bnhd"),  # DeiT-T, L = 16 (row W)
+    (4, 3, 256, 64, 64, 16, False, True, "reference", "parallel", "bhnd"),
+    (2, 16, 256, 72, 72, 16, True, True, "exact", "parallel", "bnhd"),  # DiT-XL/2 256 px, per-head W
+    (2, 16, 1024, 72, 72, 64, False, True, "reference", "parallel", "bhnd"),  # DiT-XL/2 512 px
+    (2, 12, 1024, 128, 128, 16, False, False, "exact", "parallel", "bnhd"),  # L = 64 (scalar W)
+    (2, 4, 1000, 96, 64, 40, True, True, "exact", "parallel", "bnhd"),  # L = 25 (one-hot W), Dk != Dv
+    (2, 16, 1024, 72, 72, 64, False, True, "exact", "state", "bhnd"),
+    (1, 12, 4096, 128, 128, 64, False, True, "reference", "state", "bnhd"),
 ]
 # (B, H, T, Dk, Dv, chunk, per_head, doc lengths or None)
 CAUSAL = [
@@ -52,16 +63,22 @@ def _grads(out, leaves, dout):
     return torch.autograd.grad(out, leaves, dout)
 
 
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[B, N, H, D] values stored as [B, N, H, D] or as [B, H, N, D] (then viewed as [B, N, H, D])."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bhnd" else t
+
+
 def check_noncausal(case, dtype) -> dict:
-    B, H, N, Dk, Dv, M, per_head, normalize, normalizer = case
-    q = torch.rand(B, N, H, Dk, device="cuda").to(dtype)
-    k = torch.rand(B, N, H, Dk, device="cuda").to(dtype)
-    v = torch.randn(B, N, H, Dv, device="cuda").to(dtype)
+    B, H, N, Dk, Dv, M, per_head, normalize, normalizer, *rest = case
+    path, layout = rest if rest else ("auto", "bnhd")
+    q = _layout(torch.rand(B, N, H, Dk, device="cuda").to(dtype), layout)
+    k = _layout(torch.rand(B, N, H, Dk, device="cuda").to(dtype), layout)
+    v = _layout(torch.randn(B, N, H, Dv, device="cuda").to(dtype), layout)
     W = torch.rand(*((H, M, M) if per_head else (M, M)), device="cuda")
     dout = torch.randn(B, N, H, Dv, device="cuda")
     kw = dict(block_size=N // M, normalize=normalize, normalizer=normalizer)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, W)]
-    out = mhla(*leaves, backend="triton", **kw)
+    out = mhla(*leaves, backend="triton", config=NoncausalConfig(path=path), **kw)
     grads = _grads(out, leaves, dout.to(out.dtype))
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v, W)]
     ref = mhla(*ref_leaves, backend="torch", **kw)
@@ -73,7 +90,8 @@ def check_noncausal(case, dtype) -> dict:
         scale = (dout.double().norm() * ref.norm() / W.double().abs().sum()).item()
         errs[4] = (grads[3].double() - ref_grads[3]).norm().item() / scale
     return dict(shape=f"({B}, {H}, {N}, {Dk}/{Dv}, M={M}, L={N // M})",
-                variant=f"{normalizer if normalize else 'unnormalized'}{', per-head' if per_head else ''}",
+                variant=f"{normalizer if normalize else 'unnormalized'}{', per-head' if per_head else ''}"
+                        + (f", {path}, {layout}" if rest else ""),
                 errs=errs)
 
 
@@ -104,11 +122,13 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_kernels.py needs CUDA")
-    dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16]
-    nc, ca = (NONCAUSAL[:2], CAUSAL[:2]) if args.quick else (NONCAUSAL, CAUSAL)
+    dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16, torch.float16]
+    nc, ca = (NONCAUSAL[:2], CAUSAL[:2]) if args.quick else (NONCAUSAL + NONCAUSAL_PATHS, CAUSAL)
     rows, failures = [], 0
     for dtype in dtypes:
-        for fn, cases in ((check_noncausal, nc), (check_causal, ca)):
+        kinds = ((check_noncausal, nc), (check_causal, ca)) if dtype != torch.float16 else (
+            (check_noncausal, NONCAUSAL_PATHS[:6]),)  # fp16: the parallel path
+        for fn, cases in kinds:
             for case in cases:
                 torch.manual_seed(len(rows))
                 try:

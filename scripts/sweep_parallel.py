@@ -32,13 +32,11 @@ SHAPES = {  # name: (B, H, N, D, M)
     "dit1024": (4, 16, 4096, 72, 256),
     "4k": (1, 12, 4096, 128, 64),
 }
-VARIANTS = {  # padded head dims first: a variant that faults ends its shape's run
-    "p64pad": ParallelTiles(split_dims=False),
-    "p64": ParallelTiles(),
-    "p128w4": ParallelTiles(128, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
-    "p32": ParallelTiles(64, 32, 4, 3, 64, 32, 4, 3, 32, 64, 4, 3),
-    "p128": ParallelTiles(128, 64, 8, 3, 128, 64, 8, 2, 64, 128, 8, 2),
-    "gather": ParallelTiles(w_mode="gather"),
+VARIANTS = {
+    "default": ParallelTiles(),
+    "q128": ParallelTiles(128, 64, 8, 2, 128, 64, 8, 2, 128, 64, 8, 2),
+    "s3": ParallelTiles(64, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
+    "onehot": ParallelTiles(w_mode="onehot"),
 }
 
 
@@ -166,11 +164,11 @@ def main() -> None:
             row[cname] = (f, fb, err, gpu)
             print(f"  {cname:8s} fwd {f:.3f} fwd+bwd {fb:.3f} (GPU kernels {gpu:.3f}) err {err:.1e}  "
                   f"(x SDPA {f / sf:.2f} / {fb / sb:.2f})", flush=True)
-        if "p64" in row:  # [B, H, N, D] tensors viewed as [B, N, H, D]
+        if "default" in row:  # [B, H, N, D] tensors viewed as [B, N, H, D]
             qt, kt, vt = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
-            cfg = cands["p64"]
+            cfg = cands["default"]
             f, fb = _time(partial(mhla, qt, kt, vt, w, block_size=N // M, config=cfg), [qt, kt, vt, w])
-            row["p64_bhnd"] = (f, fb, 0.0, 0.0)
+            row["default_bhnd"] = (f, fb, 0.0, 0.0)
             row["host_fwd_ms"] = host_ms(partial(mhla, q.detach(), k.detach(), v.detach(), w.detach(),
                                                  block_size=N // M, config=cfg))
             print(f"  host ms per eager fwd call {row['host_fwd_ms']:.3f}", flush=True)
@@ -181,10 +179,10 @@ def main() -> None:
 
 
 def print_table(rows, variants) -> None:
-    print("\n| shape | SDPA fwd / fwd+bwd ms | " + " | ".join(["state", *variants, "p64_bhnd"]) + " |")
+    print("\n| shape | SDPA fwd / fwd+bwd ms | " + " | ".join(["state", *variants, "default_bhnd"]) + " |")
     for r in rows:
         cells = []
-        for c in ["state", *variants, "p64_bhnd"]:
+        for c in ["state", *variants, "default_bhnd"]:
             if c in r:
                 f, fb, e, gpu = r[c]
                 cells.append(f"{f:.3f}/{fb:.3f} ({f / r['sdpa_fwd']:.2f}x/{fb / r['sdpa_fb']:.2f}x) "

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from mhla_core.ops.noncausal.triton_kernels import INTERPRET, _cast, _device_fn, _dot
 
-W_GATHER, W_ONEHOT, W_SCALAR = 0, 1, 2
+W_GATHER, W_ONEHOT, W_SCALAR, W_ROW = 0, 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,6 +79,8 @@ def _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M,
     """[BQ, BK] fp32 tile of W[block(t), block(u)] (zero for masked rows and columns)."""
     if WMODE == 2:  # the tile pair lies inside one block pair
         wg = tl.load(wb + (q0 // L) * M + k0 // L)
+    elif WMODE == 3:  # the key tile lies inside one block: one W entry per query row
+        wg = tl.load(wb + (offs_q // L) * M + k0 // L, mask=mq, other=0.0)[:, None]
     elif WMODE == 1:
         jk0 = k0 // L
         cj = jk0 + tl.arange(0, NB)
@@ -262,7 +264,7 @@ def _par_dkdv_kernel(
     if DV2 > 0:
         v2 = _rows(vb, offs_k, mk, sv_t, DV1, DV2, DV)
     jk0 = k0 // L
-    if WMODE != 2:
+    if WMODE < 2:
         ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
     dk1 = tl.zeros([BK, DK1], dtype=tl.float32)
     dk2 = tl.zeros([BK, DK2P], dtype=tl.float32)
@@ -278,6 +280,8 @@ def _par_dkdv_kernel(
         st = _scores(k1, k2, qt1, qt2, PREC, DK2 > 0) * scale  # s_tu as [u, t]
         if WMODE == 2:
             wt = tl.load(wb + (q0 // L) * M + jk0)
+        elif WMODE == 3:
+            wt = tl.load(wb + (offs_q // L) * M + jk0, mask=mq, other=0.0)[None, :]
         else:
             wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
         dot1 = _rows_t(db, offs_q, mq, sd_t, 0, DV1, DV)
@@ -307,6 +311,10 @@ def _par_dkdv_kernel(
             g = dpt * st  # dA_tu s_tu as [u, t]
             if WMODE == 2:
                 tl.atomic_add(dwb + (q0 // L) * M + jk0, tl.sum(tl.sum(g, axis=1), axis=0))
+            elif WMODE == 3:  # sum over the keys, then over the queries of each block (BQ = NBQ * L)
+                gq = tl.sum(tl.reshape(tl.sum(g, axis=0), [NBQ, BQ // NBQ]), axis=1)
+                ci = q0 // L + tl.arange(0, NBQ)
+                tl.atomic_add(dwb + ci * M + jk0, gq, mask=ci < M)
             else:
                 iq0 = q0 // L
                 gk = _dot(ek_t, g, None, WPREC)  # [NB, BQ]: summed over the keys of each block
@@ -371,12 +379,17 @@ class ParallelTiles:
     dkdv_bk: int = 64
     dkdv_warps: int = 4
     dkdv_stages: int = 2
-    w_mode: str = "auto"  # "auto", "gather", "onehot" (scalar whenever a tile pair lies in one block pair)
-    split_dims: bool = True  # head dims as a power of two plus a tail tile; False pads to a power of two
+    # "auto" / "row": one W entry per query row when a key tile lies inside one block and query tiles
+    # hold whole blocks; else "onehot" (W rows times a block indicator) or "gather" (elementwise);
+    # a scalar whenever a tile pair lies inside one block pair
+    w_mode: str = "auto"
+    # head dims as a power of two plus a tail tile (72 = 64 + 16); off by default: on the H200 with
+    # triton 3.6 the split kernels gave NaN and illegal addresses at D = 72 (docs/kernels.md)
+    split_dims: bool = False
 
     def __post_init__(self) -> None:
-        if self.w_mode not in ("auto", "gather", "onehot"):
-            raise ValueError(f"w_mode must be 'auto', 'gather' or 'onehot', got {self.w_mode!r}")
+        if self.w_mode not in ("auto", "row", "gather", "onehot"):
+            raise ValueError(f"w_mode must be 'auto', 'row', 'gather' or 'onehot', got {self.w_mode!r}")
         for name in ("fwd_bq", "fwd_bk", "dq_bq", "dq_bk", "dkdv_bq", "dkdv_bk"):
             x = getattr(self, name)
             if x < 16 or x & (x - 1):
@@ -395,10 +408,22 @@ def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     """(WMODE, NB) for a tile pair of bq queries and bk keys."""
     if L % bq == 0 and L % bk == 0:
         return W_SCALAR, 16
+    if L % bk == 0 and bq % L == 0 and tiles.w_mode in ("auto", "row"):
+        return W_ROW, 16
     nb = _pow2(_blocks_in_window(bk, L))
     if tiles.w_mode == "gather" or (tiles.w_mode == "auto" and nb > 32):
         return W_GATHER, nb
     return W_ONEHOT, nb
+
+
+def _tiles_for(tiles: ParallelTiles, bq: int, bk: int, N: int, L: int) -> tuple[int, int, int, int]:
+    """(BQ, BK, WMODE, NB) of one kernel: tiles clipped to N; the row mode shrinks the key tile to
+    the largest power of two that divides L (16-token blocks: 16 keys a tile)."""
+    bq, bk = min(bq, _pow2(N)), min(bk, _pow2(N))
+    if tiles.w_mode in ("auto", "row") and L % bk and (L & -L) >= 16 and bq % L == 0:
+        bk = L & -L
+    wmode, nb = _w_mode(tiles, bq, bk, L)
+    return bq, bk, wmode, nb
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -435,8 +460,7 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
     o = torch.empty_like(v)
     r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     den = reference_denominator(q, k, w3, L, scale, eps)[0] if norm == 2 else r
-    bq, bk = min(tiles.fwd_bq, _pow2(N)), min(tiles.fwd_bk, _pow2(N))
-    wmode, nb = _w_mode(tiles, bq, bk, L)
+    bq, bk, wmode, nb = _tiles_for(tiles, tiles.fwd_bq, tiles.fwd_bk, N, L)
     _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
         q, k, v, w3, den, o, r, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         sw_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
@@ -456,8 +480,7 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     delta = torch.empty((BH, N) if norm else (0,), dtype=torch.float32, device=q.device)
     rr = r if norm else delta
     dq = torch.empty_like(q)
-    bq, bk = min(tiles.dq_bq, _pow2(N)), min(tiles.dq_bk, _pow2(N))
-    wmode, nb = _w_mode(tiles, bq, bk, L)
+    bq, bk, wmode, nb = _tiles_for(tiles, tiles.dq_bq, tiles.dq_bk, N, L)
     _par_dq_kernel[(triton.cdiv(N, bq), BH)](
         q, k, v, w3, o, do, rr, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         *_strides(do), *_strides(dq), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
@@ -466,14 +489,14 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dwp = torch.zeros((BH, M, M) if need_dw else (1,), dtype=torch.float32, device=q.device)
-    bq, bk = min(tiles.dkdv_bq, _pow2(N)), min(tiles.dkdv_bk, _pow2(N))
-    wmode, nb = _w_mode(tiles, bq, bk, L)
+    bq, bk, wmode, nb = _tiles_for(tiles, tiles.dkdv_bq, tiles.dkdv_bk, N, L)
     if wmode == W_GATHER:  # the block sums of dW use the one-hot products
         wmode = W_ONEHOT if need_dw else W_GATHER
     _par_dkdv_kernel[(triton.cdiv(N, bk), BH)](
         q, k, v, w3, do, rr, delta, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, NBQ=_pow2(_blocks_in_window(bq, L)), **prec, NEED_DW=need_dw,
+        WMODE=wmode, NB=nb, NBQ=bq // L if wmode == W_ROW else _pow2(_blocks_in_window(bq, L)), **prec,
+        NEED_DW=need_dw,
         num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
     )
     dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None

@@ -32,9 +32,9 @@ class NoncausalConfig:
 
     path: str = "auto"
     parallel: ParallelTiles = field(default_factory=default_tiles)
-    par_flops: float = 250e12
+    par_flops: float = 300e12
     par_launch: float = 8e-6
-    state_bw: float = 2.0e12
+    state_bw: float = 1.2e12
     state_launch: float = 30e-6
     parallel_max_tokens: int = 16384
 
