@@ -53,6 +53,7 @@ NONCAUSAL_CUDA = [
     ("Wan 480p", 1, 12, 31500, 128, 150),
     ("126K", 1, 12, 126000, 128, 600),
 ]
+SDPA_MAX_TOKENS = 32768  # SDPA at 126K tokens takes minutes per call
 AUTHORS_MAX_TOKENS = 4096  # their form materialises M x D x D states: timed up to 4K tokens
 NONCAUSAL_CPU = [("small", 2, 4, 256, 32, 16), ("1K", 1, 4, 1024, 32, 16)]
 # (name, B, H, T, Dk, Dv, chunk)
@@ -129,12 +130,12 @@ def _linear_attention(q, k, v):
 
 def _noncausal_impls(q, k, v, W, L, device) -> dict[str, Callable[[], torch.Tensor]]:
     impls: dict[str, Callable[[], torch.Tensor]] = {}
-    if device.type == "cuda":
+    if device.type == "cuda" and q.shape[1] <= SDPA_MAX_TOKENS:
         from torch.nn.attention import SDPBackend
 
         impls["SDPA flash"] = lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v)
         impls["SDPA cuDNN"] = lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v)
-    else:
+    elif device.type != "cuda":
         impls["SDPA"] = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                                v.transpose(1, 2))
     impls["linear attn (torch)"] = lambda: _linear_attention(q, k, v)

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-from mhla_core import NoncausalConfig, causal_mixing_init, chunk_mhla, mhla
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhla_core import NoncausalConfig, causal_mixing_init, chunk_mhla, mhla  # noqa: E402
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -119,11 +123,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--quick", action="store_true", help="first two cases of each kind, bf16 only")
+    ap.add_argument("--paths-only", action="store_true", help="only the forced-path non-causal cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("check_kernels.py needs CUDA")
     dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16, torch.float16]
     nc, ca = (NONCAUSAL[:2], CAUSAL[:2]) if args.quick else (NONCAUSAL + NONCAUSAL_PATHS, CAUSAL)
+    if args.paths_only:
+        nc, ca = NONCAUSAL_PATHS, []
     rows, failures = [], 0
     for dtype in dtypes:
         kinds = ((check_noncausal, nc), (check_causal, ca)) if dtype != torch.float16 else (

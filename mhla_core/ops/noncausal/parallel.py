@@ -379,9 +379,9 @@ class ParallelTiles:
     dkdv_bk: int = 64
     dkdv_warps: int = 4
     dkdv_stages: int = 2
-    # "auto" / "row": one W entry per query row when a key tile lies inside one block and query tiles
-    # hold whole blocks; else "onehot" (W rows times a block indicator) or "gather" (elementwise);
-    # a scalar whenever a tile pair lies inside one block pair
+    # "auto" = "onehot" (W rows times a block indicator, a tensor-core product); "row": one W entry per
+    # query row with key tiles shrunk to one block (1.3-1.5x slower on the H200: 16-key tiles);
+    # "gather": elementwise loads; a scalar whenever a tile pair lies inside one block pair
     w_mode: str = "auto"
     # head dims as a power of two plus a tail tile (72 = 64 + 16); off by default: on the H200 with
     # triton 3.6 the split kernels gave NaN and illegal addresses at D = 72 (docs/kernels.md)
@@ -408,7 +408,7 @@ def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     """(WMODE, NB) for a tile pair of bq queries and bk keys."""
     if L % bq == 0 and L % bk == 0:
         return W_SCALAR, 16
-    if L % bk == 0 and bq % L == 0 and tiles.w_mode in ("auto", "row"):
+    if L % bk == 0 and bq % L == 0 and tiles.w_mode == "row":
         return W_ROW, 16
     nb = _pow2(_blocks_in_window(bk, L))
     if tiles.w_mode == "gather" or (tiles.w_mode == "auto" and nb > 32):
@@ -420,7 +420,7 @@ def _tiles_for(tiles: ParallelTiles, bq: int, bk: int, N: int, L: int) -> tuple[
     """(BQ, BK, WMODE, NB) of one kernel: tiles clipped to N; the row mode shrinks the key tile to
     the largest power of two that divides L (16-token blocks: 16 keys a tile)."""
     bq, bk = min(bq, _pow2(N)), min(bk, _pow2(N))
-    if tiles.w_mode in ("auto", "row") and L % bk and (L & -L) >= 16 and bq % L == 0:
+    if tiles.w_mode == "row" and L % bk and (L & -L) >= 16 and bq % L == 0:
         bk = L & -L
     wmode, nb = _w_mode(tiles, bq, bk, L)
     return bq, bk, wmode, nb
