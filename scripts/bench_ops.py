@@ -36,6 +36,7 @@ from mhla_core import NoncausalConfig, causal_mixing_init, chunk_mhla, fused_rec
 from mhla_core.ops.causal import chunk_mhla_triton  # noqa: E402
 from mhla_core.ops.noncausal import mhla_triton  # noqa: E402
 from scripts.authors_style_noncausal import authors_style_mhla  # noqa: E402
+from scripts.bench_timing import gpu_kernel_ms  # noqa: E402
 from scripts.causal_loop_baseline import LOOP_MAX_TOKENS, chunk_loop_mhla  # noqa: E402
 from scripts.doc_sections import write_marked_section  # noqa: E402
 
@@ -97,6 +98,7 @@ def _measure(fwd: Callable[[], torch.Tensor], inputs: list[torch.Tensor], timer,
 
         row["fwdbwd"] = timer(fwd_bwd)
         if device.type == "cuda":
+            row["gpu_fwdbwd"] = gpu_kernel_ms(fwd_bwd)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -266,16 +268,17 @@ def _best_sdpa(rows: list[dict], shape: str, key: str) -> float | None:
 
 def table(rows: list[dict]) -> str:
     """A markdown table; the ratio columns are each row's time over the best SDPA backend's (same shape)."""
-    lines = ["| shape | implementation | fwd ms | fwd+bwd ms | peak extra GiB | fwd / best SDPA | "
-             "fwd+bwd / best SDPA |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | implementation | fwd ms | fwd+bwd ms | GPU kernels fwd+bwd ms | peak extra GiB | "
+             "fwd / best SDPA | fwd+bwd / best SDPA | GPU fwd+bwd / best SDPA |", "|---" * 9 + "|"]
     for r in rows:
         ratios = []
-        for key in ("fwd", "fwdbwd"):
+        for key in ("fwd", "fwdbwd", "gpu_fwdbwd"):
             best = _best_sdpa(rows, r["shape"], key)
             ratios.append(r[key] / best if best and r.get(key) else None)
         err = f" ({r['error']})" if "error" in r else ""
         lines.append(f"| {r['shape']} | {r['impl']}{err} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwdbwd'))} | "
-                     f"{_fmt(r.get('mem'), '.2f')} | {_fmt(ratios[0], '.2f')} | {_fmt(ratios[1], '.2f')} |")
+                     f"{_fmt(r.get('gpu_fwdbwd'))} | {_fmt(r.get('mem'), '.2f')} | {_fmt(ratios[0], '.2f')} | "
+                     f"{_fmt(ratios[1], '.2f')} | {_fmt(ratios[2], '.2f')} |")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mhla_core import mhla  # noqa: E402
 from mhla_core.ops.noncausal.parallel import ParallelTiles  # noqa: E402
 from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
+from scripts.bench_timing import gpu_kernel_ms  # noqa: E402
 
 SHAPES = {  # name: (B, H, N, D, M)
     "deit": (128, 3, 256, 64, 16),
@@ -73,17 +74,10 @@ def _time(fn, inputs):
     return fwd, fb
 
 
-def gpu_ms(fn, inputs, steps: int = 5) -> float:
-    """Sum of CUDA kernel times of one forward + backward (torch.profiler), without host launch gaps."""
+def gpu_ms(fn, inputs) -> float:
+    """GPU kernel ms of one forward + backward."""
     grad = torch.randn_like(fn())
-    torch.autograd.grad(fn(), inputs, grad)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            torch.autograd.grad(fn(), inputs, grad)
-        torch.cuda.synchronize()
-    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    return total_us / steps / 1e3
+    return gpu_kernel_ms(lambda: torch.autograd.grad(fn(), inputs, grad))
 
 
 def host_ms(fn, reps: int = 50) -> float:

@@ -2,8 +2,9 @@
 
 The choice comes from a cost model of the forward + backward on an H200 (docs/kernels.md fits it):
 
-    parallel: 16 N^2 (Dk' + Dv') / 2 FLOPs per (b, h) (8 tile products fwd + bwd) at PAR_FLOPS,
-              Dk', Dv' the head dims after the power-of-two-plus-tail split
+    parallel: 8 N^2 (Dk' + Dv') FLOPs per (b, h) (8 tile products fwd + bwd), Dk', Dv' the padded
+              head dims, at par_flops_scalar when blocks hold whole 64-token tiles (one W entry per
+              tile pair) and at par_flops_mixed otherwise (W through one-hot products and atomics)
     state:    ~15 passes over the fp32 block states (M Dk Dv 4 bytes per (b, h)) plus 8 over the
               tokens, at STATE_BW, plus STATE_LAUNCH for its 9 launches
 
@@ -32,7 +33,8 @@ class NoncausalConfig:
 
     path: str = "auto"
     parallel: ParallelTiles = field(default_factory=default_tiles)
-    par_flops: float = 300e12
+    par_flops_scalar: float = 380e12
+    par_flops_mixed: float = 100e12
     par_launch: float = 8e-6
     state_bw: float = 1.2e12
     state_launch: float = 30e-6
@@ -47,14 +49,15 @@ DEFAULT_CONFIG = NoncausalConfig()
 
 
 def _padded(d: int) -> int:
-    d1, d2 = split_dim(d)
+    d1, d2 = split_dim(d) if default_tiles().split_dims else (max(16, 1 << (d - 1).bit_length()), 0)
     return d1 + d2
 
 
-def parallel_cost(BH: int, N: int, DK: int, DV: int, cfg: NoncausalConfig) -> float:
+def parallel_cost(BH: int, N: int, L: int, DK: int, DV: int, cfg: NoncausalConfig) -> float:
     """Modelled seconds of one forward + backward on the parallel path."""
     flops = 8.0 * BH * N * N * (_padded(DK) + _padded(DV))
-    return flops / cfg.par_flops + cfg.par_launch
+    rate = cfg.par_flops_scalar if L % 64 == 0 else cfg.par_flops_mixed
+    return flops / rate + cfg.par_launch
 
 
 def state_cost(BH: int, N: int, L: int, DK: int, DV: int, esize: int, cfg: NoncausalConfig) -> float:
@@ -72,7 +75,7 @@ def choose_path(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: int, cf
         return cfg.path
     if N > cfg.parallel_max_tokens:
         return "state"
-    par = parallel_cost(B * H, N, DK, DV, cfg)
+    par = parallel_cost(B * H, N, L, DK, DV, cfg)
     state = state_cost(B * H, N, L, DK, DV, esize, cfg)
     return "parallel" if par <= state else "state"
 
