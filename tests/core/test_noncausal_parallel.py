@@ -1,0 +1,119 @@
+"""The parallel (quadratic) path of non-causal MHLA and the planner (on CPU under the Triton interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mhla_core import NoncausalConfig, mhla  # noqa: E402
+from mhla_core.ops.noncausal import parallel as P  # noqa: E402
+from mhla_core.ops.noncausal.plan import choose_path  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
+
+
+def _tiles(bq: int, bk: int, **kw) -> P.ParallelTiles:
+    return P.ParallelTiles(bq, bk, 4, 1, bq, bk, 4, 1, bq, bk, 4, 1, **kw)
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _errors(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, tiles, dtype=torch.float32, layout="bnhd",
+            seed=0):
+    """Relative errors of o, dq, dk, dv, dW of the forced parallel path against float64."""
+    g = torch.Generator().manual_seed(seed)
+    N = M * L
+    q, k = (torch.rand(B, N, H, Dk, generator=g) for _ in range(2))
+    v, do = (torch.randn(B, N, H, Dv, generator=g) for _ in range(2))
+    w = torch.rand(*((H, M, M) if per_head else (M, M)), generator=g)
+    kw = dict(block_size=L, normalize=normalize, normalizer=normalizer)
+    cfg = NoncausalConfig(path="parallel", parallel=tiles)
+    res = []
+    for dt, backend in ((dtype, "triton"), (torch.float64, "torch")):
+        xs = [t.to(DEVICE, dt) for t in (q, k, v)]
+        if layout == "bhnd" and backend == "triton":  # [B, H, N, D] storage viewed as [B, N, H, D]
+            xs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in xs]
+            assert not xs[0].is_contiguous()
+        leaves = [t.requires_grad_() for t in xs] + [w.to(DEVICE, torch.float32 if dt != torch.float64
+                                                          else dt).requires_grad_()]
+        o = mhla(*leaves, backend=backend, config=cfg if backend == "triton" else None, **kw)
+        res.append([o, *torch.autograd.grad(o, leaves, do.to(DEVICE, o.dtype))])
+    errs = [_rel(a, b) for a, b in zip(*res)]
+    assert all(e == e for e in errs), errs  # no NaN
+    return errs
+
+
+@pytest.mark.parametrize("normalize,normalizer", NORMS)
+@pytest.mark.parametrize("w_mode,bq,bk,L", [
+    ("onehot", 16, 16, 6),  # tiles cross block boundaries
+    ("onehot", 32, 16, 10),
+    ("gather", 16, 32, 6),
+    ("row", 32, 32, 16),  # 16-key tiles, 2 blocks per query tile
+    ("auto", 16, 16, 32),  # scalar: every tile pair inside one block pair
+])
+def test_w_modes_match_float64(w_mode, bq, bk, L, normalize, normalizer):
+    tiles = _tiles(bq, bk, w_mode=w_mode)
+    errs = _errors(2, 2, 4, L, 16, 24, True, normalize, normalizer, tiles)
+    assert max(errs) < 1e-4, errs
+
+
+def test_w_mode_choice():
+    assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 16)[2:] == (P.W_ONEHOT, 16)
+    assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 64)[2] == P.W_SCALAR
+    assert P._tiles_for(_tiles(64, 64, w_mode="row"), 64, 64, 1024, 16)[1:3] == (16, P.W_ROW)
+    assert P._tiles_for(_tiles(64, 64, w_mode="gather"), 64, 64, 1000, 25)[2] == P.W_GATHER
+
+
+@pytest.mark.parametrize("dtype,normalizer", [(torch.bfloat16, "exact"), (torch.bfloat16, "reference"),
+                                              (torch.float16, "exact")])
+def test_half_inputs_and_bhnd_layout(dtype, normalizer):
+    errs = _errors(1, 3, 4, 16, 32, 32, False, True, normalizer, _tiles(32, 32), dtype=dtype, layout="bhnd")
+    assert max(errs) < 2e-2, errs
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_head_dim_72_padded_or_split(split):
+    """D = 72 padded to 128 (default) or split into 64 + a 16 tail (correct here; off on GPUs, see kernels.md)."""
+    assert P.split_dim(72) == (64, 16) and P.split_dim(96) == (64, 32) and P.split_dim(128) == (128, 0)
+    errs = _errors(1, 2, 2, 16, 72, 72, False, True, "exact", _tiles(16, 16, split_dims=split))
+    assert max(errs) < 1e-4, errs
+
+
+def test_outputs_keep_the_input_layout():
+    """o of [B, H, N, D]-stored inputs comes back in that storage (no hidden copy)."""
+    q = torch.rand(1, 2, 32, 16).transpose(1, 2)  # [B, N, H, D] view of [B, H, N, D]
+    o = mhla(q, q, q, torch.rand(2, 2), block_size=16, backend="triton",
+             config=NoncausalConfig(path="parallel", parallel=_tiles(16, 16)))
+    assert o.stride() == q.stride()
+
+
+def test_planner_choice_at_paper_shapes():
+    """Cost-model choices fitted on the H200 (docs/kernels.md): parallel for short sequences."""
+    cfg = NoncausalConfig()
+    for (B, H, N, D, M), want in [
+        ((128, 3, 256, 64, 16), "parallel"),  # DeiT-T
+        ((32, 16, 256, 72, 16), "parallel"),  # DiT-XL/2 256
+        ((8, 12, 1024, 128, 16), "parallel"),  # 1K tokens, L = 64
+        ((16, 16, 1024, 72, 64), "state"),  # DiT-XL/2 512
+        ((1, 12, 4096, 128, 64), "state"),
+        ((1, 12, 31500, 128, 150), "state"),  # Wan 480p
+    ]:
+        assert choose_path(B, H, N, N // M, D, D, 2, cfg) == want, (B, H, N, D, M)
+    assert choose_path(128, 3, 256, 256 // 16, 64, 64, 2, NoncausalConfig(path="state")) == "state"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="path must be one of"):
+        NoncausalConfig(path="fast")
+    with pytest.raises(ValueError, match="fwd_bq must be a power of two"):
+        P.ParallelTiles(fwd_bq=48)
+    with pytest.raises(ValueError, match="w_mode must be"):
+        P.ParallelTiles(w_mode="dense")
+    q = torch.rand(1, 32, 1, 16)
+    with pytest.raises(ValueError, match="config must be a NoncausalConfig"):
+        mhla(q, q, q, torch.rand(2, 2), block_size=16, backend="triton", config={"path": "parallel"})
