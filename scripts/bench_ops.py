@@ -11,7 +11,8 @@ medians (CUDA events through
 triton.testing.do_bench on CUDA, perf_counter on CPU); forward and forward+backward; peak memory
 on CUDA is the allocator's peak during one fwd+bwd minus the inputs. `--markdown FILE` writes the
 tables between `<!-- bench_ops:start -->` and `<!-- bench_ops:end -->` in FILE, keeping the rest of
-the file (a file without the markers gets the section appended).
+the file and the `###` subsections this run did not measure (a file without the markers gets the
+section appended).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mhla_core.ops.noncausal import mhla_triton  # noqa: E402
 from scripts.authors_style_noncausal import authors_style_mhla  # noqa: E402
 from scripts.bench_timing import gpu_kernel_ms  # noqa: E402
 from scripts.causal_loop_baseline import LOOP_MAX_TOKENS, chunk_loop_mhla  # noqa: E402
-from scripts.doc_sections import write_marked_section  # noqa: E402
+from scripts.doc_sections import merge_subsections, read_marked_section, write_marked_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- bench_ops:start -->", "<!-- bench_ops:end -->"
 
@@ -340,14 +341,15 @@ def main(argv: Sequence[str] | None = None) -> str:
         sections.append(("Non-causal (shape: B, H, N, D, blocks)", rows))
     if args.only in (None, "causal"):
         sections.append(("Causal (chunked)", causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)))
-    text = "\n\n".join(f"### {title}\n\n{table(rows)}" for title, rows in sections)
+    measured = f"Measured with `python scripts/bench_ops.py` on {env}, {dtype}. Medians."
+    subs = [(title, table(rows)) for title, rows in sections]
     if args.only in (None, "decode"):
         rows = decode_rows(DECODE_CUDA if cuda else DECODE_CPU, device, dtype, timer)
-        text += f"\n\n### Decode (one token per sequence per step, after a chunked prefill)\n\n{decode_table(rows)}"
+        subs.append(("Decode (one token per sequence per step, after a chunked prefill)", decode_table(rows)))
+    text = "\n\n".join(f"### {title}\n\n{measured}\n\n{body}" for title, body in subs)
     print(f"\n{text}\n")
-    if args.markdown:
-        write_section(args.markdown, f"Measured with `python scripts/bench_ops.py` on {env}, {dtype}. "
-                                     f"Medians.\n\n{text}")
+    if args.markdown:  # subsections this run did not measure stay as they were
+        write_section(args.markdown, merge_subsections(read_marked_section(args.markdown, "bench_ops"), text))
     if args.plot and sections and sections[0][0].startswith("Non-causal"):
         plot(sections[0][1], args.plot)
     return text

@@ -49,3 +49,15 @@ def test_markdown_section_replaced_in_place(tmp_path):
     fresh = tmp_path / "new.md"
     bench.write_section(str(fresh), "table")
     assert fresh.read_text() == f"{bench.MARK_START}\ntable\n{bench.MARK_END}\n"
+
+
+def test_markdown_keeps_subsections_not_remeasured(tmp_path):
+    bench = _load("bench_ops")
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"{bench.MARK_START}\nMeasured long ago.\n\n### Non-causal (old)\n\nold nc table\n\n"
+                   f"### Causal (chunked)\n\nold causal table\n{bench.MARK_END}\n")
+    bench.main(["--device", "cpu", "--only", "causal", "--reps", "1", "--markdown", str(doc)])
+    out = doc.read_text()
+    assert "old nc table" in out and "old causal table" not in out
+    assert out.index("### Non-causal (old)") < out.index("### Causal (chunked)")
+    assert out.count("### Causal (chunked)") == 1 and "authors'-style loop" in out
