@@ -166,8 +166,8 @@ def _par_fwd_kernel(
 
 @triton.jit
 def _par_dq_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
+    k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
+    sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
     sw_h, H, N, L, M, scale,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
@@ -175,7 +175,7 @@ def _par_dq_kernel(
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
 ):
-    """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (q itself is not needed)."""
+    """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (dq needs no q: no softmax)."""
     pq = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -430,10 +430,15 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def dim_tiles(d: int, split: bool) -> tuple[int, int]:
+    """(main tile, tail tile) of a head dim: `split_dim` when splitting, else the padded power of two."""
+    return split_dim(d) if split else (_pow2(d), 0)
+
+
 def _dims(q: torch.Tensor, v: torch.Tensor, split: bool) -> dict:
     DK, DV = q.shape[-1], v.shape[-1]
-    dk1, dk2 = split_dim(DK) if split else (_pow2(DK), 0)
-    dv1, dv2 = split_dim(DV) if split else (_pow2(DV), 0)
+    dk1, dk2 = dim_tiles(DK, split)
+    dv1, dv2 = dim_tiles(DV, split)
     return dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16))
 
 
@@ -482,7 +487,7 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     dq = torch.empty_like(q)
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.dq_bq, tiles.dq_bk, N, L)
     _par_dq_kernel[(triton.cdiv(N, bq), BH)](
-        q, k, v, w3, o, do, rr, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        k, v, w3, o, do, rr, delta, dq, *_strides(k), *_strides(v), *_strides(o),
         *_strides(do), *_strides(dq), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
         WMODE=wmode, NB=nb, **prec, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
     )

@@ -6,9 +6,9 @@ The choice comes from a cost model of the forward + backward on an H200 (docs/ke
               head dims, at par_flops_scalar when blocks hold whole 64-token tiles (one W entry per
               tile pair) and at par_flops_mixed otherwise (W through one-hot products and atomics)
     state:    ~15 passes over the fp32 block states (M Dk Dv 4 bytes per (b, h)) plus 8 over the
-              tokens, at STATE_BW, plus STATE_LAUNCH for its 9 launches
+              tokens, at state_bw, plus state_launch for its 9 launches
 
-Both terms are per call, so the crossover moves with the batch only through launch cost.
+Both terms scale with B * H alike, so the crossover moves with the batch only through launch cost.
 `NoncausalConfig` is the one object that sets the choice (tests and sweeps build their own);
 plans are cached per shape.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, split_dim
+from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, dim_tiles
 
 PATHS = ("auto", "parallel", "state")
 
@@ -48,14 +48,10 @@ class NoncausalConfig:
 DEFAULT_CONFIG = NoncausalConfig()
 
 
-def _padded(d: int) -> int:
-    d1, d2 = split_dim(d) if default_tiles().split_dims else (max(16, 1 << (d - 1).bit_length()), 0)
-    return d1 + d2
-
-
 def parallel_cost(BH: int, N: int, L: int, DK: int, DV: int, cfg: NoncausalConfig) -> float:
     """Modelled seconds of one forward + backward on the parallel path."""
-    flops = 8.0 * BH * N * N * (_padded(DK) + _padded(DV))
+    split = cfg.parallel.split_dims
+    flops = 8.0 * BH * N * N * (sum(dim_tiles(DK, split)) + sum(dim_tiles(DV, split)))
     rate = cfg.par_flops_scalar if L % 64 == 0 else cfg.par_flops_mixed
     return flops / rate + cfg.par_launch
 

@@ -50,16 +50,16 @@ def _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg
     out_dtype = v.dtype
     q_, k_, v_ = _prepare(q, k, v)
     B, N, H, _ = q.shape
-    empty = q_.new_zeros((B * H, N), dtype=torch.float32)
-    if q_.numel() == 0 or v_.numel() == 0:
-        return torch.zeros(v.shape, dtype=out_dtype, device=v.device), empty
     norm = _norm_mode(normalize, normalizer)
-    if _path(q_, v_, block_size, cfg) == "parallel":
+    if q_.numel() and v_.numel() and _path(q_, v_, block_size, cfg) == "parallel":
         w3, sw_h = K._mixing3(mixing)
         o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel)
         return o.to(out_dtype), r
+    unused = q_.new_zeros((B * H, N), dtype=torch.float32)
+    if q_.numel() == 0 or v_.numel() == 0:
+        return torch.zeros(v.shape, dtype=out_dtype, device=v.device), unused
     o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale)
-    return o.to(out_dtype), empty
+    return o.to(out_dtype), unused
 
 
 def _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, cfg):
