@@ -67,6 +67,41 @@ def _store_rows(base, rows, mrow, s_t, x, D0: tl.constexpr, BD: tl.constexpr, D:
 
 
 @_device_fn
+def _rows2(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+    """`_rows` of the main tile and of the tail tile of a split head dim (the main one again without a tail)."""
+    x1 = _rows(base, rows, mrow, s_t, 0, D1, D)
+    x2 = x1
+    if D2 > 0:
+        x2 = _rows(base, rows, mrow, s_t, D1, D2, D)
+    return x1, x2
+
+
+@_device_fn
+def _rows2_t(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+    """`_rows_t` of the main and the tail tile."""
+    x1 = _rows_t(base, rows, mrow, s_t, 0, D1, D)
+    x2 = x1
+    if D2 > 0:
+        x2 = _rows_t(base, rows, mrow, s_t, D1, D2, D)
+    return x1, x2
+
+
+@_device_fn
+def _store_rows2(base, rows, mrow, s_t, x1, x2, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+    """`_store_rows` of the main and the tail tile."""
+    _store_rows(base, rows, mrow, s_t, x1, 0, D1, D)
+    if D2 > 0:
+        _store_rows(base, rows, mrow, s_t, x2, D1, D2, D)
+
+
+@_device_fn
+def _head_program(H):
+    """(tile index, b * H + h, b, h) of this program; b and h as int64 for the pointer offsets."""
+    bh = tl.program_id(1)
+    return tl.program_id(0), bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@_device_fn
 def _onehot(offs, L, b0, NB: tl.constexpr):
     """[len(offs), NB] fp32: 1 where block(offs) - b0 equals the column."""
     c = tl.arange(0, NB)
@@ -117,10 +152,7 @@ def _par_fwd_kernel(
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
 ):
     """o and r of one query tile (program 0) of one (b, h) (program 1)."""
-    pq = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pq, bh, b, h = _head_program(H)
     qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
@@ -129,20 +161,14 @@ def _par_fwd_kernel(
     q0 = pq * BQ
     offs_q = q0 + tl.arange(0, BQ)
     mq = offs_q < N
-    q1 = _rows(qb, offs_q, mq, sq_t, 0, DK1, DK)
-    q2 = q1
-    if DK2 > 0:
-        q2 = _rows(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+    q1, q2 = _rows2(qb, offs_q, mq, sq_t, DK1, DK2, DK)
     acc1 = tl.zeros([BQ, DV1], dtype=tl.float32)
     acc2 = tl.zeros([BQ, DV2P], dtype=tl.float32)
     den = tl.zeros([BQ], dtype=tl.float32)
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < N
-        kt1 = _rows_t(kb, offs_k, mk, sk_t, 0, DK1, DK)
-        kt2 = kt1
-        if DK2 > 0:
-            kt2 = _rows_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+        kt1, kt2 = _rows2_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
         s = _scores(q1, q2, kt1, kt2, PREC, DK2 > 0)
         a = s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC) * scale
         if NORM == 1:
@@ -158,9 +184,7 @@ def _par_fwd_kernel(
     else:
         r = tl.full([BQ], 1.0, tl.float32)
     ob = o_ptr + b * so_b + h * so_h
-    _store_rows(ob, offs_q, mq, so_t, acc1 * r[:, None], 0, DV1, DV)
-    if DV2 > 0:
-        _store_rows(ob, offs_q, mq, so_t, acc2 * r[:, None], DV1, DV2, DV)
+    _store_rows2(ob, offs_q, mq, so_t, acc1 * r[:, None], acc2 * r[:, None], DV1, DV2, DV)
     tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=mq)
 
 
@@ -176,10 +200,7 @@ def _par_dq_kernel(
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
 ):
     """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (dq needs no q: no softmax)."""
-    pq = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pq, bh, b, h = _head_program(H)
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
     ob = o_ptr + b * so_b + h * so_h
@@ -189,10 +210,7 @@ def _par_dq_kernel(
     q0 = pq * BQ
     offs_q = q0 + tl.arange(0, BQ)
     mq = offs_q < N
-    do1 = _rows(db, offs_q, mq, sd_t, 0, DV1, DV)
-    do2 = do1
-    if DV2 > 0:
-        do2 = _rows(db, offs_q, mq, sd_t, DV1, DV2, DV)
+    do1, do2 = _rows2(db, offs_q, mq, sd_t, DV1, DV2, DV)
     rq = bh.to(tl.int64) * N + offs_q
     if NORM > 0:
         r = tl.load(r_ptr + rq, mask=mq, other=0.0)
@@ -205,14 +223,8 @@ def _par_dq_kernel(
     for k0 in range(0, N, BK):
         offs_k = k0 + tl.arange(0, BK)
         mk = offs_k < N
-        kt1 = _rows_t(kb, offs_k, mk, sk_t, 0, DK1, DK)
-        kt2 = kt1
-        if DK2 > 0:
-            kt2 = _rows_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
-        vt1 = _rows_t(vb, offs_k, mk, sv_t, 0, DV1, DV)
-        vt2 = vt1
-        if DV2 > 0:
-            vt2 = _rows_t(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+        kt1, kt2 = _rows2_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+        vt1, vt2 = _rows2_t(vb, offs_k, mk, sv_t, DV1, DV2, DV)
         dp = _scores(do1, do2, vt1, vt2, PREC, DV2 > 0)
         if NORM == 1:
             dp = (dp - delta[:, None]) * r[:, None]
@@ -223,9 +235,7 @@ def _par_dq_kernel(
         if DK2 > 0:
             dq2 = _dot(ds, tl.trans(kt2), dq2, PREC)
     dqb = dq_ptr + b * sdq_b + h * sdq_h
-    _store_rows(dqb, offs_q, mq, sdq_t, dq1 * scale, 0, DK1, DK)
-    if DK2 > 0:
-        _store_rows(dqb, offs_q, mq, sdq_t, dq2 * scale, DK1, DK2, DK)
+    _store_rows2(dqb, offs_q, mq, sdq_t, dq1 * scale, dq2 * scale, DK1, DK2, DK)
 
 
 @triton.jit
@@ -241,10 +251,7 @@ def _par_dkdv_kernel(
     PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr,
 ):
     """dk, dv of one key tile and its (b, h) share of dW, in the transposed frame [key, query]."""
-    pk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pk, bh, b, h = _head_program(H)
     qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
@@ -255,14 +262,8 @@ def _par_dkdv_kernel(
     k0 = pk * BK
     offs_k = k0 + tl.arange(0, BK)
     mk = offs_k < N
-    k1 = _rows(kb, offs_k, mk, sk_t, 0, DK1, DK)
-    k2 = k1
-    if DK2 > 0:
-        k2 = _rows(kb, offs_k, mk, sk_t, DK1, DK2, DK)
-    v1 = _rows(vb, offs_k, mk, sv_t, 0, DV1, DV)
-    v2 = v1
-    if DV2 > 0:
-        v2 = _rows(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+    k1, k2 = _rows2(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+    v1, v2 = _rows2(vb, offs_k, mk, sv_t, DV1, DV2, DV)
     jk0 = k0 // L
     if WMODE < 2:
         ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
@@ -273,10 +274,7 @@ def _par_dkdv_kernel(
     for q0 in range(0, N, BQ):
         offs_q = q0 + tl.arange(0, BQ)
         mq = offs_q < N
-        qt1 = _rows_t(qb, offs_q, mq, sq_t, 0, DK1, DK)
-        qt2 = qt1
-        if DK2 > 0:
-            qt2 = _rows_t(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+        qt1, qt2 = _rows2_t(qb, offs_q, mq, sq_t, DK1, DK2, DK)
         st = _scores(k1, k2, qt1, qt2, PREC, DK2 > 0) * scale  # s_tu as [u, t]
         if WMODE == 2:
             wt = tl.load(wb + (q0 // L) * M + jk0)
@@ -284,10 +282,7 @@ def _par_dkdv_kernel(
             wt = tl.load(wb + (offs_q // L) * M + jk0, mask=mq, other=0.0)[None, :]
         else:
             wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
-        dot1 = _rows_t(db, offs_q, mq, sd_t, 0, DV1, DV)
-        dot2 = dot1
-        if DV2 > 0:
-            dot2 = _rows_t(db, offs_q, mq, sd_t, DV1, DV2, DV)
+        dot1, dot2 = _rows2_t(db, offs_q, mq, sd_t, DV1, DV2, DV)
         dpt = _scores(v1, v2, dot1, dot2, PREC, DV2 > 0)  # dO_t . v_u as [u, t]
         rq = bh.to(tl.int64) * N + offs_q
         if NORM > 0:
@@ -325,12 +320,8 @@ def _par_dkdv_kernel(
                               mask=(cj[:, None] < M) & (ci[None, :] < M))
     dkb = dk_ptr + b * sdk_b + h * sdk_h
     dvb = dv_ptr + b * sdv_b + h * sdv_h
-    _store_rows(dkb, offs_k, mk, sdk_t, dk1 * scale, 0, DK1, DK)
-    if DK2 > 0:
-        _store_rows(dkb, offs_k, mk, sdk_t, dk2 * scale, DK1, DK2, DK)
-    _store_rows(dvb, offs_k, mk, sdv_t, dv1, 0, DV1, DV)
-    if DV2 > 0:
-        _store_rows(dvb, offs_k, mk, sdv_t, dv2, DV1, DV2, DV)
+    _store_rows2(dkb, offs_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DK)
+    _store_rows2(dvb, offs_k, mk, sdv_t, dv1, dv2, DV1, DV2, DV)
 
 
 # ------------------------------------------------------------------------------------------------
