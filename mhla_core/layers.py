@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mhla_core.layout import BlockLayout
+from mhla_core.layout import BlockLayout, cached_layout
 from mhla_core.mixing import block_distance_mixing
 from mhla_core.ops.noncausal import NORMALIZERS, mhla
 
@@ -31,7 +31,8 @@ class MHLA(nn.Module):
     Tokens arrive as [B, N, C] in row-major order of `grid` and leave in the same order.
     Blocks are tiles of the grid: give `blocks` (blocks per axis) or `block_tokens` (tokens per
     block per axis, which needs `grid` at construction). A grid the blocks do not divide is padded
-    with zero key/value tokens (see `BlockLayout`).
+    with zero key/value tokens (see `BlockLayout`); the op reads the grid order itself, so the
+    layer makes no block-order copies.
 
     Args:
         dim: channels C. num_heads: heads H (C must divide).
@@ -132,7 +133,7 @@ class MHLA(nn.Module):
             if len(grid) != len(self.blocks):
                 raise ValueError(f"grid {grid} has {len(grid)} axes, the layer's blocks {self.blocks} have "
                                  f"{len(self.blocks)}")
-            self._layouts[grid] = BlockLayout(grid, self.blocks)
+            self._layouts[grid] = cached_layout(grid, self.blocks)  # shared: one device index per grid
         return self._layouts[grid]
 
     @torch.no_grad()
@@ -154,19 +155,18 @@ class MHLA(nn.Module):
         q = F.relu(self.q_norm(q)) + FEATURE_EPS
         k = F.relu(self.k_norm(k)) + FEATURE_EPS
         heads = (B, N, self.num_heads, self.head_dim)
-        o = mhla(
-            layout.to_blocks(q.reshape(heads)),
-            layout.to_blocks(k.reshape(heads)),
-            layout.to_blocks(v.reshape(heads)),
+        o = mhla(  # tokens stay in grid order: the op addresses the blocks itself
+            q.reshape(heads),
+            k.reshape(heads),
+            v.reshape(heads),
             self.mixing,
-            block_size=layout.block_size,
+            layout=layout,
             normalize=self.normalize,
             normalizer=self.normalizer,
             eps=self.eps,
             scale=self.scale,
             backend=self.backend,
         )
-        o = layout.from_blocks(o)  # [B, N, H, D]
         if self.gate is not None:
             o = self.out_norm(o) * F.silu(self.gate(x)).reshape(heads)
         o = o.reshape(B, N, C)

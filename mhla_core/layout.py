@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,15 @@ class BlockLayout:
             raise ValueError(f"blocks {self.blocks} cannot exceed the grid {self.grid} on any axis")
         self.tile = tuple(math.ceil(g / b) for g, b in zip(self.grid, self.blocks))
         self.padded_grid = tuple(t * b for t, b in zip(self.tile, self.blocks))
+        self._index_on: dict[torch.device, torch.Tensor] = {}  # token_index per device (no lock: compile-safe)
+        # to_blocks splits axis a into (blocks_a, tile_a) and moves every tile axis after every block
+        # axis; the order is unchanged when the axes of size > 1 keep their sequence
+        split = [(n, f"{kind}{a}") for a, (b, t) in enumerate(zip(self.blocks, self.tile))
+                 for n, kind in ((b, "b"), (t, "t"))]
+        kept = [name for n, name in split if n > 1]
+        moved = [name for n, name in sorted(split, key=lambda x: x[1][0]) if n > 1]
+        #: True when row-major grid order already is block-major order (e.g. an undivided 1D grid)
+        self.is_block_major = not self.is_padded and kept == moved
 
     def __repr__(self) -> str:
         return f"BlockLayout(grid={self.grid}, blocks={self.blocks}, tile={self.tile})"
@@ -59,6 +68,16 @@ class BlockLayout:
     @property
     def is_padded(self) -> bool:
         return self.padded_grid != self.grid
+
+    def token_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int32 [M * L]: the row-major grid index of the token at each block-major position (-1 for
+        padding), the addressing the kernels use instead of `to_blocks`; cached per device."""
+        device = torch.device(device)
+        idx = self._index_on.get(device)
+        if idx is None:
+            rows = torch.arange(1, self.num_tokens + 1, device=device).view(1, -1)
+            idx = self._index_on[device] = (self.to_blocks(rows).view(-1) - 1).to(torch.int32)
+        return idx
 
     def _check(self, x: torch.Tensor, n: int, what: str) -> None:
         if x.dim() < 2 or x.shape[1] != n:
@@ -105,3 +124,9 @@ class BlockLayout:
     def distances(self) -> torch.Tensor:
         """[M, M] float64 Euclidean distances between block centres, in block units."""
         return torch.cdist(self._centres, self._centres)
+
+
+@lru_cache(maxsize=64)
+def cached_layout(grid: tuple[int, ...], blocks: tuple[int, ...]) -> BlockLayout:
+    """One shared `BlockLayout` per (grid, blocks), so its device token index is built once."""
+    return BlockLayout(grid, blocks)

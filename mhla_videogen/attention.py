@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttention
 from torch import nn
 
-from mhla_core import BlockLayout, mhla
+from mhla_core import mhla
+from mhla_core.layout import cached_layout
 
 FEATURE_EPS = 1e-6  # phi(x) = relu(x) + 1e-6, as the reference
 
@@ -126,13 +127,11 @@ class MHLAWanAttnProcessor:
         if fast:
             q, k, v = (t.to(dtype) for t in (q, k, v))
 
-        layout = BlockLayout(tuple(grid), attn.block_layout)
-        q, k, v = (layout.to_blocks(t) for t in (q, k, v))
-        out = mhla(
+        layout = cached_layout(tuple(grid), tuple(attn.block_layout))
+        out = mhla(  # tokens stay in grid order: the op addresses the blocks itself
             q, k, v, attn.block_attn.matrix.float(),
-            block_size=layout.block_size, normalize=False, scale=1.0, backend=self.backend,
-        )
-        out = layout.from_blocks(out).to(dtype)  # [B, N, H, D]
+            layout=layout, normalize=False, scale=1.0, backend=self.backend,
+        ).to(dtype)  # [B, N, H, D]
 
         gn = attn.g_norm
         out = F.rms_norm(out.float(), gn.normalized_shape, eps=gn.eps).to(dtype) * gn.weight

@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict] = {
 def _plan(shape, device, dtype):
     B, H, N, D, M = shape
     q = torch.empty(B, N, H, D, device=device, dtype=dtype)
-    return TK.make_plan(q, q, N // M, TK.NORM_EXACT)
+    return TK.make_plan(q, q, N // M, M, TK.NORM_EXACT)
 
 
 def _timer(device):

@@ -19,7 +19,8 @@ def test_signatures():
     P, K = "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY"
     empty = inspect.Parameter.empty
     assert _params(mhla_core.mhla) == [
-        ("q", P, empty), ("k", P, empty), ("v", P, empty), ("mixing", P, empty), ("block_size", K, empty),
+        ("q", P, empty), ("k", P, empty), ("v", P, empty), ("mixing", P, empty), ("block_size", K, None),
+        ("layout", K, None),  # added 2026-12-02: tokens in grid order (then block_size may be left out)
         ("normalize", K, True), ("normalizer", K, "exact"), ("eps", K, 1e-6), ("scale", K, None),
         ("backend", K, "auto"), ("config", K, None)]  # added 2026-12-01: the Triton path's settings
     assert _params(mhla_core.chunk_mhla) == [

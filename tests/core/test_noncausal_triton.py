@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from mhla_core.layout import BlockLayout  # noqa: E402
 from mhla_core.ops.noncausal import (
     mhla,  # noqa: E402
     triton_ops,  # noqa: E402
@@ -136,9 +137,9 @@ def test_strided_views_and_frozen_mixing():
 
 def test_state_variant_choice():
     q = torch.empty(1, 256, 6, 64)
-    assert K.make_plan(q, q, 16, K.NORM_EXACT).direct  # DiT-S: 16 blocks of 16 tokens
+    assert K.make_plan(q, q, 16, 16, K.NORM_EXACT).direct  # DiT-S: 16 blocks of 16 tokens
     q = torch.empty(1, 31500, 1, 128)
-    assert not K.make_plan(q, q, 210, K.NORM_EXACT).direct  # Wan: 150 blocks of 210 tokens
+    assert not K.make_plan(q, q, 210, 150, K.NORM_EXACT).direct  # Wan: 150 blocks of 210 tokens
 
 
 def test_float64_raises():
@@ -153,10 +154,20 @@ def _op_args(normalize=True, normalizer="exact", per_head=False):
     return q, k, v, w, do, (4, normalize, normalizer, 1e-6, 0.25, "auto")
 
 
+def _grid_op_args(normalizer="exact"):
+    """Inputs in row-major order of a 3 x 3 grid with 2 x 2 blocks (tiles 2 x 2, padded to 4 x 4)."""
+    layout = BlockLayout((3, 3), (2, 2))
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.rand(1, 9, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    v, do = (torch.randn(1, 9, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    w = torch.rand(4, 4, generator=g).to(DEVICE)
+    return q, k, v, w, do, layout, (layout.token_index(DEVICE), 4, True, normalizer, 1e-6, 0.25, "auto")
+
+
 def test_custom_op_autograd_matches_eager():
     q, k, v, w, do, cfg = _op_args(normalizer="reference", per_head=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
-    out = torch.ops.mhla.noncausal_fwd(*leaves, *cfg)[0]
+    out = torch.ops.mhla.noncausal_fwd(*leaves, None, *cfg)[0]
     grads = torch.autograd.grad(out, leaves, do)
     leaves2 = [t.clone().requires_grad_() for t in (q, k, v, w)]
     out2 = triton_ops.mhla_triton(*leaves2, *cfg[:-1])
@@ -171,10 +182,44 @@ def test_custom_op_autograd_matches_eager():
 def test_opcheck(normalize, normalizer):
     q, k, v, w, do, cfg = _op_args(normalize, normalizer)
     leaves = [t.requires_grad_() for t in (q, k, v, w)]
-    torch.library.opcheck(torch.ops.mhla.noncausal_fwd.default, (*leaves, *cfg))
-    o, r = (t.detach() for t in torch.ops.mhla.noncausal_fwd(*leaves, *cfg))
+    torch.library.opcheck(torch.ops.mhla.noncausal_fwd.default, (*leaves, None, *cfg))
+    o, r = (t.detach() for t in torch.ops.mhla.noncausal_fwd(*leaves, None, *cfg))
     plain = [t.detach() for t in (do, q, k, v, w)]
-    torch.library.opcheck(torch.ops.mhla.noncausal_bwd.default, (*plain, o, r, *cfg[:-1], True, cfg[-1]))
+    torch.library.opcheck(torch.ops.mhla.noncausal_bwd.default, (*plain, None, o, r, *cfg[:-1], True, cfg[-1]))
+
+
+@pytest.mark.parametrize("normalizer", ["exact", "reference"])
+def test_opcheck_grid_layout(normalizer):
+    q, k, v, w, do, _, args = _grid_op_args(normalizer)
+    leaves = [t.requires_grad_() for t in (q, k, v, w)]
+    torch.library.opcheck(torch.ops.mhla.noncausal_fwd.default, (*leaves, *args))
+    o, r = (t.detach() for t in torch.ops.mhla.noncausal_fwd(*leaves, *args))
+    assert r.shape == (2, 16)  # B * H rows of M L = 16 block-major positions (7 of them padding)
+    plain = [t.detach() for t in (do, q, k, v, w)]
+    torch.library.opcheck(torch.ops.mhla.noncausal_bwd.default,
+                          (*plain, args[0], o, r, *args[1:-1], True, args[-1]))
+
+
+def test_torch_compile_fullgraph_grid_layout():
+    """layout= under torch.compile: the token index enters the graph, no graph break."""
+    q, k, v, w, _, _, _ = _grid_op_args("reference")
+    layout = BlockLayout((3, 3), (2, 2))  # fresh: its device index is first built while tracing
+
+    def f(q, k, v, w):
+        return mhla(q, k, v, w, layout=layout, normalizer="reference", backend="triton").sum(dim=-1)
+
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.clone().double().requires_grad_() for t in (q, k, v, w)]
+    blocks = [layout.to_blocks(t) for t in ref_leaves[:3]]
+    ref = layout.from_blocks(mhla(*blocks, ref_leaves[3], block_size=4, normalizer="reference",
+                                  backend="torch")).sum(dim=-1)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_leaves)
+    for a, b in zip([out, *grads], [ref, *ref_grads]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_compile_fullgraph():

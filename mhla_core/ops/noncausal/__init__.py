@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mhla_core.layout import BlockLayout
 from mhla_core.ops.noncausal.naive import mhla_naive
 from mhla_core.ops.noncausal.plan import NoncausalConfig
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
@@ -41,7 +42,8 @@ def mhla(
     v: torch.Tensor,
     mixing: torch.Tensor,
     *,
-    block_size: int,
+    block_size: int | None = None,
+    layout: BlockLayout | None = None,
     normalize: bool = True,
     normalizer: str = "exact",
     eps: float = 1e-6,
@@ -51,11 +53,17 @@ def mhla(
 ) -> torch.Tensor:
     """Non-causal multi-head linear attention over blocks of `block_size` tokens.
 
+    Tokens are either in block-major order (`block_size`: block j is tokens j L .. j L + L - 1) or in
+    row-major order of a token grid (`layout`): the kernels then read and write the grid order
+    themselves, padding a grid the blocks do not divide with zero tokens, with no permutation copies.
+
     Args:
-        q, k: [B, N, H, Dk], already through the feature map, in block-major token order.
+        q, k: [B, N, H, Dk], already through the feature map (any strides with a unit last one,
+            e.g. a [B, H, N, D] tensor transposed).
         v: [B, N, H, Dv].
-        mixing: [M, M] or per-head [H, M, M] with M = N / block_size.
-        block_size: tokens per block L.
+        mixing: [M, M] or per-head [H, M, M], M the number of blocks.
+        block_size: tokens per block L of block-major inputs.
+        layout: a `BlockLayout` whose grid holds the N tokens in row-major order (instead of block_size).
         normalize: divide by the (mixed) key-sum normaliser.
         normalizer: "exact" (default) or "reference" (the authors' released form), SPEC section 1.
         eps: added to the denominator.
@@ -68,17 +76,39 @@ def mhla(
         [B, N, H, Dv] in v.dtype.
     """
     check_qkv(q, k, v)
-    num_blocks = check_block_size(q.shape[1], block_size)
-    check_mixing(mixing, num_blocks, q.shape[2], f"N = {q.shape[1]}, block_size = {block_size}")
+    if layout is None:
+        if block_size is None:
+            raise ValueError("give block_size= (block-major tokens) or layout= (tokens in grid order)")
+        num_blocks = check_block_size(q.shape[1], block_size)
+        where = f"N = {q.shape[1]}, block_size = {block_size}"
+    else:
+        _check_layout(layout, q.shape[1], block_size)
+        num_blocks, block_size, where = layout.num_blocks, layout.block_size, repr(layout)
+    check_mixing(mixing, num_blocks, q.shape[2], where)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     s = default_scale(q.shape[-1], scale)
     backend = resolve_backend(backend, q.device, mhla_triton is not None, v.dtype)
+    grid = layout is not None and not layout.is_block_major
     if backend == "triton":
-        return mhla_triton(q, k, v, mixing, block_size, normalize, normalizer, eps, s, config=config)
+        rowmap = layout.token_index(q.device) if grid else None
+        return mhla_triton(q, k, v, mixing, block_size, normalize, normalizer, eps, s, config=config, rowmap=rowmap)
     if config is not None and not isinstance(config, NoncausalConfig):
         raise ValueError(f"config must be a NoncausalConfig or None, got {type(config).__name__}")
-    return mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
+    if not grid:
+        return mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
+    q, k, v = (layout.to_blocks(t) for t in (q, k, v))
+    return layout.from_blocks(mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s))
+
+
+def _check_layout(layout: BlockLayout, num_tokens: int, block_size: int | None) -> None:
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"layout must be a mhla_core.BlockLayout or None, got {type(layout).__name__}")
+    if num_tokens != layout.num_tokens:
+        raise ValueError(f"q has N = {num_tokens} tokens, {layout!r} holds {layout.num_tokens}")
+    if block_size is not None and block_size != layout.block_size:
+        raise ValueError(f"block_size = {block_size} disagrees with {layout!r} (block_size {layout.block_size}); "
+                         "give one of them")
 
 
 __all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig"]

@@ -95,6 +95,22 @@ def _store_rows2(base, rows, mrow, s_t, x1, x2, D1: tl.constexpr, D2: tl.constex
 
 
 @_device_fn
+def _positions(map_ptr, p0, end, BT: tl.constexpr, GRID: tl.constexpr):
+    """(block-major positions p0 .. p0 + BT, their token rows, mask of real tokens before `end`).
+
+    Without GRID the tokens are block-major (row = position). With GRID, map_ptr holds the
+    row-major grid index of each position (-1 for a padding token, which is masked).
+    """
+    offs = p0 + tl.arange(0, BT)
+    m = offs < end
+    rows = offs
+    if GRID:
+        rows = tl.load(map_ptr + offs, mask=m, other=-1)
+        m = m & (rows >= 0)
+    return offs, rows, m
+
+
+@_device_fn
 def _head_program(H):
     """(tile index, b * H + h, b, h) of this program; b and h as int64 for the pointer offsets."""
     bh = tl.program_id(1)
@@ -143,15 +159,16 @@ def _scores(a1, a2, b1, b2, PREC: tl.constexpr, HAS2: tl.constexpr):
 
 @triton.jit
 def _par_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, den_ptr, o_ptr, r_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, den_ptr, o_ptr, r_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sw_h, H, N, L, M, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
+    GRID: tl.constexpr,
 ):
-    """o and r of one query tile (program 0) of one (b, h) (program 1)."""
+    """o and r of one query tile (program 0) of one (b, h) (program 1); N = M L block-major positions."""
     pq, bh, b, h = _head_program(H)
     qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
@@ -159,24 +176,22 @@ def _par_fwd_kernel(
     wb = w_ptr + h * sw_h
     dt = q_ptr.dtype.element_ty
     q0 = pq * BQ
-    offs_q = q0 + tl.arange(0, BQ)
-    mq = offs_q < N
-    q1, q2 = _rows2(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+    offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
+    q1, q2 = _rows2(qb, rows_q, mq, sq_t, DK1, DK2, DK)
     acc1 = tl.zeros([BQ, DV1], dtype=tl.float32)
     acc2 = tl.zeros([BQ, DV2P], dtype=tl.float32)
     den = tl.zeros([BQ], dtype=tl.float32)
     for k0 in range(0, N, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mk = offs_k < N
-        kt1, kt2 = _rows2_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
+        offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
+        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DK)
         s = _scores(q1, q2, kt1, kt2, PREC, DK2 > 0)
         a = s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC) * scale
         if NORM == 1:
             den += tl.sum(a, axis=1)
         a_d = _cast(a, dt)
-        acc1 = _dot(a_d, _rows(vb, offs_k, mk, sv_t, 0, DV1, DV), acc1, PREC)
+        acc1 = _dot(a_d, _rows(vb, rows_k, mk, sv_t, 0, DV1, DV), acc1, PREC)
         if DV2 > 0:
-            acc2 = _dot(a_d, _rows(vb, offs_k, mk, sv_t, DV1, DV2, DV), acc2, PREC)
+            acc2 = _dot(a_d, _rows(vb, rows_k, mk, sv_t, DV1, DV2, DV), acc2, PREC)
     if NORM == 1:
         r = 1.0 / (den + eps)
     elif NORM == 2:
@@ -184,13 +199,13 @@ def _par_fwd_kernel(
     else:
         r = tl.full([BQ], 1.0, tl.float32)
     ob = o_ptr + b * so_b + h * so_h
-    _store_rows2(ob, offs_q, mq, so_t, acc1 * r[:, None], acc2 * r[:, None], DV1, DV2, DV)
-    tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=mq)
+    _store_rows2(ob, rows_q, mq, so_t, acc1 * r[:, None], acc2 * r[:, None], DV1, DV2, DV)
+    tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=offs_q < N)  # padding: finite r
 
 
 @triton.jit
 def _par_dq_kernel(
-    k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
+    k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr, map_ptr,
     sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
     sw_h, H, N, L, M, scale,
@@ -198,6 +213,7 @@ def _par_dq_kernel(
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
+    GRID: tl.constexpr,
 ):
     """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (dq needs no q: no softmax)."""
     pq, bh, b, h = _head_program(H)
@@ -208,23 +224,21 @@ def _par_dq_kernel(
     wb = w_ptr + h * sw_h
     dt = k_ptr.dtype.element_ty
     q0 = pq * BQ
-    offs_q = q0 + tl.arange(0, BQ)
-    mq = offs_q < N
-    do1, do2 = _rows2(db, offs_q, mq, sd_t, DV1, DV2, DV)
+    offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
+    do1, do2 = _rows2(db, rows_q, mq, sd_t, DV1, DV2, DV)
     rq = bh.to(tl.int64) * N + offs_q
     if NORM > 0:
         r = tl.load(r_ptr + rq, mask=mq, other=0.0)
-        delta = tl.sum(do1.to(tl.float32) * _rows(ob, offs_q, mq, so_t, 0, DV1, DV).to(tl.float32), axis=1)
+        delta = tl.sum(do1.to(tl.float32) * _rows(ob, rows_q, mq, so_t, 0, DV1, DV).to(tl.float32), axis=1)
         if DV2 > 0:
-            delta += tl.sum(do2.to(tl.float32) * _rows(ob, offs_q, mq, so_t, DV1, DV2, DV).to(tl.float32), axis=1)
-        tl.store(delta_ptr + rq, delta, mask=mq)
+            delta += tl.sum(do2.to(tl.float32) * _rows(ob, rows_q, mq, so_t, DV1, DV2, DV).to(tl.float32), axis=1)
+        tl.store(delta_ptr + rq, delta, mask=offs_q < N)  # padding: delta 0
     dq1 = tl.zeros([BQ, DK1], dtype=tl.float32)
     dq2 = tl.zeros([BQ, DK2P], dtype=tl.float32)
     for k0 in range(0, N, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        mk = offs_k < N
-        kt1, kt2 = _rows2_t(kb, offs_k, mk, sk_t, DK1, DK2, DK)
-        vt1, vt2 = _rows2_t(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+        offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
+        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DK)
+        vt1, vt2 = _rows2_t(vb, rows_k, mk, sv_t, DV1, DV2, DV)
         dp = _scores(do1, do2, vt1, vt2, PREC, DV2 > 0)
         if NORM == 1:
             dp = (dp - delta[:, None]) * r[:, None]
@@ -235,12 +249,12 @@ def _par_dq_kernel(
         if DK2 > 0:
             dq2 = _dot(ds, tl.trans(kt2), dq2, PREC)
     dqb = dq_ptr + b * sdq_b + h * sdq_h
-    _store_rows2(dqb, offs_q, mq, sdq_t, dq1 * scale, dq2 * scale, DK1, DK2, DK)
+    _store_rows2(dqb, rows_q, mq, sdq_t, dq1 * scale, dq2 * scale, DK1, DK2, DK)
 
 
 @triton.jit
 def _par_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
     sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
     sw_h, H, N, L, M, scale,
@@ -248,7 +262,7 @@ def _par_dkdv_kernel(
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, NBQ: tl.constexpr,
-    PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr,
+    PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr, GRID: tl.constexpr,
 ):
     """dk, dv of one key tile and its (b, h) share of dW, in the transposed frame [key, query]."""
     pk, bh, b, h = _head_program(H)
@@ -260,10 +274,9 @@ def _par_dkdv_kernel(
     dwb = dw_ptr + bh.to(tl.int64) * M * M
     dt = q_ptr.dtype.element_ty
     k0 = pk * BK
-    offs_k = k0 + tl.arange(0, BK)
-    mk = offs_k < N
-    k1, k2 = _rows2(kb, offs_k, mk, sk_t, DK1, DK2, DK)
-    v1, v2 = _rows2(vb, offs_k, mk, sv_t, DV1, DV2, DV)
+    offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
+    k1, k2 = _rows2(kb, rows_k, mk, sk_t, DK1, DK2, DK)
+    v1, v2 = _rows2(vb, rows_k, mk, sv_t, DV1, DV2, DV)
     jk0 = k0 // L
     if WMODE < 2:
         ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
@@ -272,9 +285,8 @@ def _par_dkdv_kernel(
     dv1 = tl.zeros([BK, DV1], dtype=tl.float32)
     dv2 = tl.zeros([BK, DV2P], dtype=tl.float32)
     for q0 in range(0, N, BQ):
-        offs_q = q0 + tl.arange(0, BQ)
-        mq = offs_q < N
-        qt1, qt2 = _rows2_t(qb, offs_q, mq, sq_t, DK1, DK2, DK)
+        offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
+        qt1, qt2 = _rows2_t(qb, rows_q, mq, sq_t, DK1, DK2, DK)
         st = _scores(k1, k2, qt1, qt2, PREC, DK2 > 0) * scale  # s_tu as [u, t]
         if WMODE == 2:
             wt = tl.load(wb + (q0 // L) * M + jk0)
@@ -282,7 +294,7 @@ def _par_dkdv_kernel(
             wt = tl.load(wb + (offs_q // L) * M + jk0, mask=mq, other=0.0)[None, :]
         else:
             wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
-        dot1, dot2 = _rows2_t(db, offs_q, mq, sd_t, DV1, DV2, DV)
+        dot1, dot2 = _rows2_t(db, rows_q, mq, sd_t, DV1, DV2, DV)
         dpt = _scores(v1, v2, dot1, dot2, PREC, DV2 > 0)  # dO_t . v_u as [u, t]
         rq = bh.to(tl.int64) * N + offs_q
         if NORM > 0:
@@ -320,8 +332,58 @@ def _par_dkdv_kernel(
                               mask=(cj[:, None] < M) & (ci[None, :] < M))
     dkb = dk_ptr + b * sdk_b + h * sdk_h
     dvb = dv_ptr + b * sdv_b + h * sdv_h
-    _store_rows2(dkb, offs_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DK)
-    _store_rows2(dvb, offs_k, mk, sdv_t, dv1, dv2, DV1, DV2, DV)
+    _store_rows2(dkb, rows_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DK)
+    _store_rows2(dvb, rows_k, mk, sdv_t, dv1, dv2, DV1, DV2, DV)
+
+
+@triton.jit
+def _ref_sums_kernel(
+    q_ptr, k_ptr, map_ptr, z_ptr, p_ptr, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, H, N, L, M, scale,
+    DK: tl.constexpr, BDK: tl.constexpr, BT: tl.constexpr, GRID: tl.constexpr,
+):
+    """Reference normaliser terms of block j (program 0): z_j = sum of its keys, p_{j,w} = s q_{j,w} . z_j."""
+    j, bh, b, h = _head_program(H)
+    qb = q_ptr + b * sq_b + h * sq_h
+    kb = k_ptr + b * sk_b + h * sk_h
+    start = j * L
+    z = tl.zeros([BDK], dtype=tl.float32)
+    for t0 in range(0, L, BT):
+        _, rows, m = _positions(map_ptr, start + t0, start + L, BT, GRID)
+        z += tl.sum(_rows(kb, rows, m, sk_t, 0, BDK, DK).to(tl.float32), axis=0)
+    offs_d = tl.arange(0, BDK)
+    tl.store(z_ptr + (bh * M + j).to(tl.int64) * DK + offs_d, z, mask=offs_d < DK)
+    for t0 in range(0, L, BT):
+        offs, rows, m = _positions(map_ptr, start + t0, start + L, BT, GRID)
+        pw = tl.sum(_rows(qb, rows, m, sq_t, 0, BDK, DK).to(tl.float32) * z[None, :], axis=1) * scale
+        tl.store(p_ptr + bh.to(tl.int64) * N + offs, pw, mask=offs < start + L)
+
+
+@triton.jit
+def _ref_grad_kernel(
+    q_ptr, map_ptr, z_ptr, dp_ptr, dq_ptr, dk_ptr,
+    sq_b, sq_t, sq_h, sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, H, N, L, M, scale,
+    DK: tl.constexpr, BDK: tl.constexpr, BT: tl.constexpr, GRID: tl.constexpr,
+):
+    """Adds the reference normaliser's terms of block j in place: dq_{j,w} += s dp_{j,w} z_j and
+    dk_u += s sum_w dp_{j,w} q_{j,w} for the keys u of block j."""
+    j, bh, b, h = _head_program(H)
+    qb = q_ptr + b * sq_b + h * sq_h
+    dqb = dq_ptr + b * sdq_b + h * sdq_h
+    dkb = dk_ptr + b * sdk_b + h * sdk_h
+    start = j * L
+    offs_d = tl.arange(0, BDK)
+    z = tl.load(z_ptr + (bh * M + j).to(tl.int64) * DK + offs_d, mask=offs_d < DK, other=0.0)
+    dz = tl.zeros([BDK], dtype=tl.float32)
+    for t0 in range(0, L, BT):
+        offs, rows, m = _positions(map_ptr, start + t0, start + L, BT, GRID)
+        dp = tl.load(dp_ptr + bh.to(tl.int64) * N + offs, mask=m, other=0.0)
+        dz += tl.sum(_rows(qb, rows, m, sq_t, 0, BDK, DK).to(tl.float32) * dp[:, None], axis=0)
+        dqt = _rows(dqb, rows, m, sdq_t, 0, BDK, DK).to(tl.float32) + (scale * dp)[:, None] * z[None, :]
+        _store_rows(dqb, rows, m, sdq_t, dqt, 0, BDK, DK)
+    for t0 in range(0, L, BT):
+        _, rows, m = _positions(map_ptr, start + t0, start + L, BT, GRID)
+        dkt = _rows(dkb, rows, m, sdk_t, 0, BDK, DK).to(tl.float32) + scale * dz[None, :]
+        _store_rows(dkb, rows, m, sdk_t, dkt, 0, BDK, DK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,37 +500,61 @@ def _precisions(dtype: torch.dtype) -> dict:
     return dict(PREC="ieee" if fp32 else "tf32", WPREC="ieee" if fp32 else "tf32")
 
 
-def reference_denominator(q, k, w3, L: int, scale: float, eps: float):
-    """(den [B * H, N] = p~ + eps, p [B, H, M, L], z [B, M, H, Dk]) of the reference normaliser, fp32."""
-    B, N, H, DK = q.shape
+def _grid_args(rowmap: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(map pointer, N block-major positions, GRID) for block-major tokens or a grid layout's row map."""
+    if rowmap is None:
+        return q, q.shape[1], False
+    return rowmap, rowmap.numel(), True
+
+
+def _ref_launch(q, rowmap, L: int, M: int) -> dict:
+    DK = q.shape[-1]
+    return dict(DK=DK, BDK=_pow2(DK), BT=min(64, _pow2(L)), GRID=rowmap is not None,
+                num_warps=4, num_stages=1)
+
+
+def reference_denominator(q, k, w3, L: int, scale: float, eps: float, rowmap=None):
+    """(den [B * H, N] = p~ + eps, p [B, H, M, L], z [B * H, M, Dk]) of the reference normaliser, fp32;
+    N = M L block-major positions (padding included)."""
+    B, _, H, DK = q.shape
+    mp, N, _ = _grid_args(rowmap, q)
     M = N // L
-    z = k.reshape(B, M, L, H, DK).float().sum(dim=2)
-    p = torch.einsum("bmlhd,bmhd->bhml", q.reshape(B, M, L, H, DK).float(), z) * scale
+    z = torch.empty((B * H, M, DK), dtype=torch.float32, device=q.device)
+    p = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
+    _ref_sums_kernel[(M, B * H)](q, k, mp, z, p, *_strides(q), *_strides(k), H, N, L, M, scale,
+                                 **_ref_launch(q, rowmap, L, M))
+    p = p.view(B, H, M, L)
     pt = torch.matmul(w3, p)  # [Hw, M, M] @ [B, H, M, L]
     return (pt + eps).reshape(B * H, N), p, z
 
 
 def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
-            tiles: ParallelTiles) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, N, H, Dv] in v.dtype, r [B * H, N] fp32: 1 / denominator, ones when norm == 0)."""
-    B, N, H, _ = q.shape
+            tiles: ParallelTiles, rowmap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, N, H, Dv] in v.dtype, r [B * H, M L] fp32: 1 / denominator, ones when norm == 0).
+
+    rowmap: None for block-major tokens, else the int32 [M L] row-major grid index of each
+    block-major position (-1 for padding, `BlockLayout.token_index`): tokens stay in grid order.
+    """
+    B, _, H, _ = q.shape
+    mp, N, grid = _grid_args(rowmap, q)
     M = N // L
     o = torch.empty_like(v)
     r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
-    den = reference_denominator(q, k, w3, L, scale, eps)[0] if norm == 2 else r
+    den = reference_denominator(q, k, w3, L, scale, eps, rowmap)[0] if norm == 2 else r
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.fwd_bq, tiles.fwd_bk, N, L)
     _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
-        q, k, v, w3, den, o, r, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        q, k, v, w3, den, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         sw_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
-        **_precisions(q.dtype), num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+        **_precisions(q.dtype), GRID=grid, num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
     )
     return o, r
 
 
 def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, scale: float,
-             need_dw: bool, tiles: ParallelTiles):
+             need_dw: bool, tiles: ParallelTiles, rowmap=None):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) from the saved o and r of `forward`."""
-    B, N, H, _ = q.shape
+    B, _, H, _ = q.shape
+    mp, N, grid = _grid_args(rowmap, q)
     M = N // L
     BH = B * H
     dims = _dims(q, v, tiles.split_dims)
@@ -478,9 +564,9 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     dq = torch.empty_like(q)
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.dq_bq, tiles.dq_bk, N, L)
     _par_dq_kernel[(triton.cdiv(N, bq), BH)](
-        k, v, w3, o, do, rr, delta, dq, *_strides(k), *_strides(v), *_strides(o),
+        k, v, w3, o, do, rr, delta, dq, mp, *_strides(k), *_strides(v), *_strides(o),
         *_strides(do), *_strides(dq), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, **prec, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
+        WMODE=wmode, NB=nb, **prec, GRID=grid, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -489,31 +575,30 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     if wmode == W_GATHER:  # the block sums of dW use the one-hot products
         wmode = W_ONEHOT if need_dw else W_GATHER
     _par_dkdv_kernel[(triton.cdiv(N, bk), BH)](
-        q, k, v, w3, do, rr, delta, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        q, k, v, w3, do, rr, delta, dk, dv, dwp, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(dk), *_strides(dv), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
         WMODE=wmode, NB=nb, NBQ=bq // L if wmode == W_ROW else _pow2(_blocks_in_window(bq, L)), **prec,
-        NEED_DW=need_dw,
+        NEED_DW=need_dw, GRID=grid,
         num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
     )
     dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None
     if norm == 2:
-        dq, dk, dw = _reference_terms(q, k, w3, o, do, r, delta, dq, dk, dw, L, scale, eps)
+        dw = _reference_terms(q, k, w3, r, delta, dq, dk, dw, L, scale, eps, rowmap)
     if dw is not None and sw_h == 0:
         dw = dw.sum(dim=0, keepdim=True)
     return dq, dk, dv, dw
 
 
-def _reference_terms(q, k, w3, o, do, r, delta, dq, dk, dw, L, scale, eps):
-    """Add the reference normaliser's gradient through p~ = W p to dq, dk and dW."""
-    B, N, H, DK = q.shape
+def _reference_terms(q, k, w3, r, delta, dq, dk, dw, L, scale, eps, rowmap):
+    """Add the reference normaliser's gradient through p~ = W p to dq, dk (in place) and dW."""
+    B, _, H, _ = q.shape
+    mp, N, _ = _grid_args(rowmap, q)
     M = N // L
-    _, p, z = reference_denominator(q, k, w3, L, scale, eps)
+    _, p, z = reference_denominator(q, k, w3, L, scale, eps, rowmap)
     c = (-(delta * r)).view(B, H, M, L)  # dL/dp~
-    dp = torch.matmul(w3.transpose(-1, -2), c)  # [B, H, M, L]
+    dp = torch.matmul(w3.transpose(-1, -2), c).contiguous()  # [B, H, M, L]
     if dw is not None:
         dw = dw + torch.einsum("bhil,bhjl->hij", c, p)
-    qf = q.reshape(B, M, L, H, DK).float()
-    dq = (dq.reshape(B, M, L, H, DK).float() + scale * torch.einsum("bhml,bmhd->bmlhd", dp, z)).reshape(q.shape)
-    dz = scale * torch.einsum("bhml,bmlhd->bmhd", dp, qf)
-    dk = (dk.reshape(B, M, L, H, DK).float() + dz[:, :, None]).reshape(k.shape)
-    return dq.to(q.dtype), dk.to(k.dtype), dw
+    _ref_grad_kernel[(M, B * H)](q, mp, z, dp, dq, dk, *_strides(q), *_strides(dq), *_strides(dk),
+                                 H, N, L, M, scale, **_ref_launch(q, rowmap, L, M))
+    return dw

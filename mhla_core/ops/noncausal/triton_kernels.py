@@ -137,9 +137,28 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @_device_fn
-def _block_ptr(ptr, b, h, blk, L, s_b, s_t, s_h):
-    """Pointer to token 0 of block `blk`, batch b, head h (64-bit offsets)."""
-    return ptr + b.to(tl.int64) * s_b + (blk * L).to(tl.int64) * s_t + h.to(tl.int64) * s_h
+def _block_ptr(ptr, b, h, blk, L, s_b, s_t, s_h, GRID: tl.constexpr):
+    """Pointer to token 0 of block `blk`, batch b, head h (64-bit offsets); with GRID the (b, h)
+    base only, as `_block_rows` then gives absolute token rows."""
+    base = ptr + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    if not GRID:
+        base += (blk * L).to(tl.int64) * s_t
+    return base
+
+
+@_device_fn
+def _block_rows(map_ptr, blk, tt, mt, L, GRID: tl.constexpr):
+    """(token rows, mask) of in-block positions tt of block `blk`, for pointers from `_block_ptr`.
+
+    Without GRID tokens are block-major (rows tt from the block's first token). With GRID, map_ptr
+    holds the row-major grid index of each block-major position (-1 for padding, which is masked).
+    """
+    rows = tt
+    mrow = mt
+    if GRID:
+        rows = tl.load(map_ptr + blk * L + tt, mask=mt, other=-1)
+        mrow = mt & (rows >= 0)
+    return rows, mrow
 
 
 @_device_fn
@@ -150,11 +169,11 @@ def _tile(base, tt, mt, s_t, offs_d, md):
 
 @_device_fn
 def _direct_mixed(
-    q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+    q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     offs_k, mk, offs_v, mv,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-    NORM: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, PREC: tl.constexpr, GRID: tl.constexpr,
 ):
     """S~_i tile, z~_i and p~_i (per in-block position) of query block i, from k, v (and q) directly."""
     offs_t = tl.arange(0, BLOCK_T)
@@ -165,15 +184,16 @@ def _direct_mixed(
     w_row = w_ptr + h * sw_h + i * M
     for j in range(0, M):
         wij = tl.load(w_row + j)
-        kt = _tile(_block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h), offs_t, mt, sk_t, offs_k, mk)
-        vt = _tile(_block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h), offs_t, mt, sv_t, offs_v, mv)
+        rj, mrj = _block_rows(map_ptr, j, offs_t, mt, L, GRID)
+        kt = _tile(_block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h, GRID), rj, mrj, sk_t, offs_k, mk)
+        vt = _tile(_block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h, GRID), rj, mrj, sv_t, offs_v, mv)
         vw = _cast((vt.to(tl.float32) * wij), kt.dtype)
         s_acc = _dot(tl.trans(kt), vw, s_acc, PREC)
         if NORM > 0:
             zj = tl.sum(kt.to(tl.float32), axis=0)
             z_acc += wij * zj
             if NORM == 2:
-                qt = _tile(_block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h), offs_t, mt, sq_t, offs_k, mk)
+                qt = _tile(_block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h, GRID), rj, mrj, sq_t, offs_k, mk)
                 p_acc += wij * (tl.sum(qt.to(tl.float32) * zj[None, :], axis=1) * scale)
     return s_acc, z_acc, p_acc
 
@@ -202,23 +222,24 @@ def _program_tiles(
 
 @triton.jit
 def _state_kernel(
-    q_ptr, k_ptr, v_ptr, x_ptr,
+    q_ptr, k_ptr, v_ptr, x_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     H, L, M, RS, scale,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_T: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, GRID: tl.constexpr,
 ):
     """X_j = [K_j^T V_j | K_j^T 1 | s Q_j K_j^T 1] for block j = program 0, Dv tile = program 1."""
     j, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
-    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
-    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
+    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h, GRID)
+    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h, GRID)
     s_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
     for t0 in range(0, L, BLOCK_T):
         tt = t0 + offs_t
         mt = tt < L
-        kt = _tile(kb, tt, mt, sk_t, offs_k, mk)
-        vt = _tile(vb, tt, mt, sv_t, offs_v, mv)
+        rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
+        kt = _tile(kb, rr, mr, sk_t, offs_k, mk)
+        vt = _tile(vb, rr, mr, sv_t, offs_v, mv)
         s_acc = _dot(tl.trans(kt), vt, s_acc, PREC)
         if NORM > 0:
             z_acc += tl.sum(kt.to(tl.float32), axis=0)
@@ -228,11 +249,12 @@ def _state_kernel(
         if jv == 0:
             tl.store(row + DK * DV + offs_k, z_acc, mask=mk)
             if NORM == 2:
-                qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h)
+                qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h, GRID)
                 for t0 in range(0, L, BLOCK_T):
                     tt = t0 + offs_t
                     mt = tt < L
-                    qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+                    rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
+                    qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
                     p = tl.sum(qt.to(tl.float32) * z_acc[None, :], axis=1) * scale
                     tl.store(row + DK * DV + DK + tt, p, mask=mt)
 
@@ -309,27 +331,28 @@ def _dw_kernel(
 
 @triton.jit
 def _out_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, x_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, x_ptr, o_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sw_h, H, L, M, RS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, SF32: tl.constexpr,
+    GRID: tl.constexpr,
 ):
     """o of query block i (program 0), Dv tile program 1: (q' S~_i) / den."""
     i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     row = x_ptr + (bh * M + i).to(tl.int64) * RS
     if DIRECT:
         s_m, z_m, p_m = _direct_mixed(
-            q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+            q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
             sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC,
+            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC, GRID,
         )
     else:
         s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if NORM == 1:
             z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
-    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h)
-    ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h)
+    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
+    ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h, GRID)
     if SF32:  # fp16 inputs: keep the state in fp32 (its entries may exceed the fp16 range)
         sdt = tl.float32
     else:
@@ -338,7 +361,8 @@ def _out_kernel(
     for t0 in range(0, L, BLOCK_T):
         tt = t0 + offs_t
         mt = tt < L
-        qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+        rr, mr = _block_rows(map_ptr, i, tt, mt, L, GRID)
+        qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
         num = _dot(_cast(qt, sdt), s_d, None, PREC) * scale
         if NORM == 1:
             den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
@@ -349,19 +373,20 @@ def _out_kernel(
             else:
                 den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0) + eps
             num = num / den[:, None]
-        tl.store(ob + tt[:, None] * so_t + offs_v[None, :], _cast(num, o_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        tl.store(ob + rr[:, None] * so_t + offs_v[None, :], _cast(num, o_ptr.dtype.element_ty),
+                 mask=mr[:, None] & mv[None, :])
 
 
 @triton.jit
 def _bwd_q_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, x_ptr, dx_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, w_ptr, x_ptr, dx_ptr, dq_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
     sw_h, H, L, M, RS, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
     NUM_DV_TILES: tl.constexpr, INPLACE: tl.constexpr, HP: tl.constexpr, HP_PREC: tl.constexpr,
+    GRID: tl.constexpr,
 ):
     """dX~_i = [dS~_i | dz~_i | c_i] and dq (minus the reference term) of query block i.
 
@@ -373,9 +398,9 @@ def _bwd_q_kernel(
     drow = dx_ptr + (bh * M + i).to(tl.int64) * RS
     if DIRECT:
         s_m, z_m, p_m = _direct_mixed(
-            q_ptr, k_ptr, v_ptr, w_ptr, b, h, i, L, M, sw_h, scale,
+            q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
             sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC,
+            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC, GRID,
         )
     else:
         s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
@@ -387,17 +412,18 @@ def _bwd_q_kernel(
     else:
         sdt = dt
     s_op = _cast(s_m, sdt)
-    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h)
-    db = _block_ptr(do_ptr, b, h, i, L, sd_b, sd_t, sd_h)
-    dqb = _block_ptr(dq_ptr, b, h, i, L, sdq_b, sdq_t, sdq_h)
+    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
+    db = _block_ptr(do_ptr, b, h, i, L, sd_b, sd_t, sd_h, GRID)
+    dqb = _block_ptr(dq_ptr, b, h, i, L, sdq_b, sdq_t, sdq_h, GRID)
     ds_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     dz_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
     for t0 in range(0, L, BLOCK_T):
         tt = t0 + offs_t
         mt = tt < L
-        qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+        rr, mr = _block_rows(map_ptr, i, tt, mt, L, GRID)
+        qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
         q_op = _cast(qt, sdt)
-        dot_ = _tile(db, tt, mt, sd_t, offs_v, mv).to(tl.float32)
+        dot_ = _tile(db, rr, mr, sd_t, offs_v, mv).to(tl.float32)
         if NORM > 0:
             if NORM == 1:
                 den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
@@ -414,7 +440,7 @@ def _bwd_q_kernel(
                 for v0 in range(0, DV, BLOCK_DV):
                     offs_c = v0 + tl.arange(0, BLOCK_DV)
                     mc = offs_c < DV
-                    dc = _tile(db, tt, mt, sd_t, offs_c, mc).to(tl.float32)
+                    dc = _tile(db, rr, mr, sd_t, offs_c, mc).to(tl.float32)
                     sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :],
                                  mask=mk[:, None] & mc[None, :], other=0.0)
                     do_n += tl.sum(dc * _dot(q_op, _cast(sc, sdt), None, HP_PREC), axis=1)
@@ -435,7 +461,7 @@ def _bwd_q_kernel(
                 for v0 in range(0, DV, BLOCK_DV):
                     offs_c = v0 + tl.arange(0, BLOCK_DV)
                     mc = offs_c < DV
-                    gc = _tile(db, tt, mt, sd_t, offs_c, mc).to(tl.float32)
+                    gc = _tile(db, rr, mr, sd_t, offs_c, mc).to(tl.float32)
                     if NORM > 0:
                         gc = gc / den[:, None]
                     sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :],
@@ -443,8 +469,8 @@ def _bwd_q_kernel(
                     dqt = _dot(_cast(gc, sdt), tl.trans(_cast(sc, sdt)), dqt, HP_PREC)
             if NORM == 1:
                 dqt += c[:, None] * z_m[None, :]
-            tl.store(dqb + tt[:, None] * sdq_t + offs_k[None, :], _cast(dqt * scale, dq_ptr.dtype.element_ty),
-                     mask=mt[:, None] & mk[None, :])
+            tl.store(dqb + rr[:, None] * sdq_t + offs_k[None, :], _cast(dqt * scale, dq_ptr.dtype.element_ty),
+                     mask=mr[:, None] & mk[None, :])
     if INPLACE:
         tl.debug_barrier()
     tl.store(drow + offs_k[:, None] * DV + offs_v[None, :], ds_acc * scale, mask=mk[:, None] & mv[None, :])
@@ -455,13 +481,13 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, z_ptr, dx_ptr, dq_ptr, dk_ptr, dv_ptr, dwp_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, z_ptr, dx_ptr, dq_ptr, dk_ptr, dv_ptr, dwp_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
     sw_h, H, L, M, RS, scale,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_T: tl.constexpr, NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr,
-    NUM_DV_TILES: tl.constexpr, SF32: tl.constexpr,
+    NUM_DV_TILES: tl.constexpr, SF32: tl.constexpr, GRID: tl.constexpr,
 ):
     """dk, dv of key block j from dX_j (state path) or from dX~ and W (direct path, also dW[:, j]).
 
@@ -469,20 +495,21 @@ def _bwd_kv_kernel(
     """
     j, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     dt = k_ptr.dtype.element_ty
-    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h)
-    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h)
-    qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h)
+    kb = _block_ptr(k_ptr, b, h, j, L, sk_b, sk_t, sk_h, GRID)
+    vb = _block_ptr(v_ptr, b, h, j, L, sv_b, sv_t, sv_h, GRID)
+    qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h, GRID)
     drow = dx_ptr + (bh * M + j).to(tl.int64) * RS
     if DIRECT:
         # recompute X_j (one token tile, one Dv tile), then dX_j = sum_i W[i, j] dX~_i and dW[:, j]
         mt = offs_t < L
-        kt = _tile(kb, offs_t, mt, sk_t, offs_k, mk)
-        vt = _tile(vb, offs_t, mt, sv_t, offs_v, mv)
+        r0, m0 = _block_rows(map_ptr, j, offs_t, mt, L, GRID)
+        kt = _tile(kb, r0, m0, sk_t, offs_k, mk)
+        vt = _tile(vb, r0, m0, sv_t, offs_v, mv)
         s_j = _dot(tl.trans(kt), vt, None, PREC)
         if NORM > 0:
             z_j = tl.sum(kt.to(tl.float32), axis=0)
             if NORM == 2:
-                qt = _tile(qb, offs_t, mt, sq_t, offs_k, mk)
+                qt = _tile(qb, r0, m0, sq_t, offs_k, mk)
                 p_j = tl.sum(qt.to(tl.float32) * z_j[None, :], axis=1) * scale
         ds = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
         dz = tl.zeros([BLOCK_DK], dtype=tl.float32)
@@ -513,7 +540,7 @@ def _bwd_kv_kernel(
     if NORM == 2:
         if jv == 0:
             # reference normaliser: dz_j += s Q_j^T dp_j and dq_{j,w} += s dp_{j,w} z_j
-            dqb = _block_ptr(dq_ptr, b, h, j, L, sdq_b, sdq_t, sdq_h)
+            dqb = _block_ptr(dq_ptr, b, h, j, L, sdq_b, sdq_t, sdq_h, GRID)
             for t0 in range(0, L, BLOCK_T):
                 tt = t0 + offs_t
                 mt = tt < L
@@ -521,10 +548,11 @@ def _bwd_kv_kernel(
                     dp_t = dp
                 else:
                     dp_t = tl.load(drow + DK * DV + DK + tt, mask=mt, other=0.0)
-                qt = _tile(qb, tt, mt, sq_t, offs_k, mk)
+                rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
+                qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
                 dz += tl.sum(qt.to(tl.float32) * dp_t[:, None], axis=0) * scale
-                dq_ptrs = dqb + tt[:, None] * sdq_t + offs_k[None, :]
-                dq_m = mt[:, None] & mk[None, :]
+                dq_ptrs = dqb + rr[:, None] * sdq_t + offs_k[None, :]
+                dq_m = mr[:, None] & mk[None, :]
                 dqt = tl.load(dq_ptrs, mask=dq_m, other=0.0).to(tl.float32)
                 dqt += (scale * dp_t)[:, None] * z_j[None, :]
                 tl.store(dq_ptrs, _cast(dqt, dq_ptr.dtype.element_ty), mask=dq_m)
@@ -533,16 +561,17 @@ def _bwd_kv_kernel(
     else:
         sdt = dt
     ds_d = _cast(ds, sdt)
-    dkb = _block_ptr(dk_ptr, b, h, j, L, sdk_b, sdk_t, sdk_h)
-    dvb = _block_ptr(dv_ptr, b, h, j, L, sdv_b, sdv_t, sdv_h)
+    dkb = _block_ptr(dk_ptr, b, h, j, L, sdk_b, sdk_t, sdk_h, GRID)
+    dvb = _block_ptr(dv_ptr, b, h, j, L, sdv_b, sdv_t, sdv_h, GRID)
     for t0 in range(0, L, BLOCK_T):
         tt = t0 + offs_t
         mt = tt < L
-        kt = _tile(kb, tt, mt, sk_t, offs_k, mk)
-        vt = _tile(vb, tt, mt, sv_t, offs_v, mv)
+        rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
+        kt = _tile(kb, rr, mr, sk_t, offs_k, mk)
+        vt = _tile(vb, rr, mr, sv_t, offs_v, mv)
         dvt = _dot(_cast(kt, sdt), ds_d, None, PREC)
-        tl.store(dvb + tt[:, None] * sdv_t + offs_v[None, :], _cast(dvt, dv_ptr.dtype.element_ty),
-                 mask=mt[:, None] & mv[None, :])
+        tl.store(dvb + rr[:, None] * sdv_t + offs_v[None, :], _cast(dvt, dv_ptr.dtype.element_ty),
+                 mask=mr[:, None] & mv[None, :])
         if jv == 0:
             if NUM_DV_TILES == 1:
                 dkt = _dot(_cast(vt, sdt), tl.trans(ds_d), None, PREC)
@@ -551,14 +580,14 @@ def _bwd_kv_kernel(
                 for v0 in range(0, DV, BLOCK_DV):
                     offs_c = v0 + tl.arange(0, BLOCK_DV)
                     mc = offs_c < DV
-                    vc = _tile(vb, tt, mt, sv_t, offs_c, mc)
+                    vc = _tile(vb, rr, mr, sv_t, offs_c, mc)
                     dsc = tl.load(drow + offs_k[:, None] * DV + offs_c[None, :],
                                   mask=mk[:, None] & mc[None, :], other=0.0)
                     dkt = _dot(_cast(vc, sdt), tl.trans(_cast(dsc, sdt)), dkt, PREC)
             if NORM > 0:
                 dkt += dz[None, :]
-            tl.store(dkb + tt[:, None] * sdk_t + offs_k[None, :], _cast(dkt, dk_ptr.dtype.element_ty),
-                     mask=mt[:, None] & mk[None, :])
+            tl.store(dkb + rr[:, None] * sdk_t + offs_k[None, :], _cast(dkt, dk_ptr.dtype.element_ty),
+                     mask=mr[:, None] & mk[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -654,22 +683,22 @@ class Plan:
 _PLANS: dict[tuple, Plan] = {}
 
 
-def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
-    """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and block size L."""
-    key = (q.shape, v.shape[-1], q.dtype, L, norm, MAX_BLOCK_DV, MAX_BLOCK_DV_FP32, DIRECT_MAX_M,
+def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int) -> Plan:
+    """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and M blocks of L tokens
+    (M L = N, or more when a grid layout pads the blocks)."""
+    key = (q.shape, v.shape[-1], q.dtype, L, M, norm, MAX_BLOCK_DV, MAX_BLOCK_DV_FP32, DIRECT_MAX_M,
            DIRECT_MAX_L, DIRECT_MAX_D, COST_FLOPS, COST_BW, COST_LAUNCH, MIX_PREC_HALF, BWD_TF32_HALF, FORCE_PATH)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 1024:
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(q, v, L, norm)
+        plan = _PLANS[key] = _make_plan(q, v, L, M, norm)
     return plan
 
 
-def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, norm: int) -> Plan:
-    B, N, H, DK = q.shape
+def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int) -> Plan:
+    B, _, H, DK = q.shape
     DV = v.shape[-1]
-    M = N // L
     fp32 = q.dtype == torch.float32
     block_dk = _pow2(DK)
     block_dv = min(_pow2(DV), max(16, MAX_BLOCK_DV_FP32 if fp32 else MAX_BLOCK_DV))
@@ -751,35 +780,46 @@ def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bo
     return y
 
 
-def _states(p: Plan, q, k, v, scale: float) -> torch.Tensor:
+def _grid_args(rowmap: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(map pointer, GRID): the row map of a grid layout, or any tensor (unread) for block-major tokens."""
+    return (fallback, False) if rowmap is None else (rowmap, True)
+
+
+def _states(p: Plan, q, k, v, scale: float, rowmap=None) -> torch.Tensor:
     """X [B * H, M, RS] fp32."""
     x = torch.empty((p.B * p.H, p.M, p.row_stride), dtype=torch.float32, device=q.device)
+    mp, grid = _grid_args(rowmap, x)
     _launch(
         _state_kernel, (p.M, p.n_dv, p.B * p.H),
-        (q, k, v, x, *_strides(q), *_strides(k), *_strides(v), p.H, p.L, p.M, p.row_stride, scale),
+        (q, k, v, x, mp, *_strides(q), *_strides(k), *_strides(v), p.H, p.L, p.M, p.row_stride, scale),
         dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, BLOCK_T=p.token_block("state"),
-             NORM=p.norm, PREC=p.prec),
+             NORM=p.norm, PREC=p.prec, GRID=grid),
         p.launch("state"),
     )
     return x
 
 
-def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float) -> torch.Tensor:
-    """o [B, N, H, Dv] in v.dtype; q, k, v share one dtype and have unit last-dim stride."""
-    p = make_plan(q, v, L, norm)
+def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, rowmap=None) -> torch.Tensor:
+    """o [B, N, H, Dv] in v.dtype; q, k, v share one dtype and have unit last-dim stride.
+
+    rowmap: None for block-major tokens, else the int32 [M * L] row-major grid index of each
+    block-major position (-1 for padding, `BlockLayout.token_index`): tokens stay in grid order.
+    """
     w3, sw_h = _mixing3(w)
+    p = make_plan(q, v, L, w3.shape[-1], norm)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if p.direct:
         x = w3  # unused: each program forms its S~_i
     else:
-        x = _states(p, q, k, v, scale)
+        x = _states(p, q, k, v, scale, rowmap)
         x = _mix(p, w3, sw_h, x, trans=False, inplace_ok=True)
+    mp, grid = _grid_args(rowmap, w3)
     _launch(
         _out_kernel, (p.M, p.n_dv, p.B * p.H),
-        (q, k, v, w3, x, o, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        (q, k, v, w3, x, o, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
          sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
         dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, BLOCK_T=p.token_block("out"),
-             NORM=p.norm, DIRECT=p.direct, PREC=p.prec, SF32=p.sf32),
+             NORM=p.norm, DIRECT=p.direct, PREC=p.prec, SF32=p.sf32, GRID=grid),
         p.launch("out"),
     )
     return o
@@ -805,31 +845,32 @@ def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return part.view(p.B, p.H, n_split, p.M, p.M).sum(dim=(0, 2))
 
 
-def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_dw: bool = True):
+def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_dw: bool = True, rowmap=None):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ...).
 
     State path buffers ([B * H, M, RS] fp32): X (recomputed) and X~, which becomes dX~ and then
     dX in place, so at most two are alive; dk and dv are allocated after X is freed.
     """
-    p = make_plan(q, v, L, norm)
     w3, sw_h = _mixing3(w)
+    p = make_plan(q, v, L, w3.shape[-1], norm)
+    mp, gflag = _grid_args(rowmap, w3)
     BH = p.B * p.H
     grid = (p.M, p.n_dv, BH)
     dims = dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, NORM=p.norm, PREC=p.prec,
-                DIRECT=p.direct, NUM_DV_TILES=p.n_dv)
+                DIRECT=p.direct, NUM_DV_TILES=p.n_dv, GRID=gflag)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if p.direct:
         xm = w3  # unused: each program forms its S~_i
         dxt = torch.empty((BH, p.M, p.row_stride), dtype=torch.float32, device=q.device)
         inplace = False
     else:
-        x = _states(p, q, k, v, scale)
+        x = _states(p, q, k, v, scale, rowmap)
         xm = _mix(p, w3, sw_h, x, trans=False, inplace_ok=False)
         inplace = p.n_dv == 1  # with several Dv tiles, program 0 reads all of S~_i while others write
         dxt = xm if inplace else torch.empty_like(xm)
     _launch(
         _bwd_q_kernel, grid,
-        (q, k, v, do, w3, xm, dxt, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        (q, k, v, do, w3, xm, dxt, dq, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
          *_strides(dq), sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
         dict(dims, BLOCK_T=p.token_block("bwd_q"), INPLACE=inplace, HP=p.hp,
              HP_PREC="tf32" if p.hp else p.prec),
@@ -854,7 +895,7 @@ def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_d
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     _launch(
         _bwd_kv_kernel, grid,
-        (q, k, v, w3, z, dx, dq, dk, dv, dwp, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
+        (q, k, v, w3, z, dx, dq, dk, dv, dwp, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(dq),
          *_strides(dk), *_strides(dv), sw_h, p.H, p.L, p.M, p.row_stride, scale),
         dict(dims, BLOCK_T=p.token_block("bwd_kv"), SF32=p.sf32),
         p.launch("bwd_kv"),

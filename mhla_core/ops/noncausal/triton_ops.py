@@ -40,41 +40,51 @@ def _prepare(q, k, v):
     return tuple(_unit_stride(t.to(dt)) for t in (q, k, v))
 
 
-def _path(q_, v_, block_size: int, cfg: NoncausalConfig) -> str:
-    B, N, H, DK = q_.shape
-    return choose_path(B, H, N, block_size, DK, v_.shape[-1], q_.element_size(), cfg)
+def _positions(q: torch.Tensor, rowmap: torch.Tensor | None) -> int:
+    """Block-major token positions M L: N, or more when a grid layout pads its blocks."""
+    return q.shape[1] if rowmap is None else rowmap.numel()
 
 
-def _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg):
-    """(o in v.dtype, r [B * H, N] fp32): r is the parallel path's saved 1 / denominator (unused otherwise)."""
+def _path(q_, v_, block_size: int, n_pos: int, cfg: NoncausalConfig) -> str:
+    B, _, H, DK = q_.shape
+    return choose_path(B, H, n_pos, block_size, DK, v_.shape[-1], q_.element_size(), cfg)
+
+
+def _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, cfg):
+    """(o in v.dtype, r [B * H, M L] fp32): r is the parallel path's saved 1 / denominator (unused otherwise).
+
+    rowmap: None (tokens in block-major order) or a grid layout's `BlockLayout.token_index`.
+    """
     out_dtype = v.dtype
     q_, k_, v_ = _prepare(q, k, v)
-    B, N, H, _ = q.shape
+    B, _, H, _ = q.shape
+    n_pos = _positions(q, rowmap)
     norm = _norm_mode(normalize, normalizer)
-    if q_.numel() and v_.numel() and _path(q_, v_, block_size, cfg) == "parallel":
+    if q_.numel() and v_.numel() and _path(q_, v_, block_size, n_pos, cfg) == "parallel":
         w3, sw_h = K._mixing3(mixing)
-        o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel)
+        o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel, rowmap)
         return o.to(out_dtype), r
-    unused = q_.new_zeros((B * H, N), dtype=torch.float32)
+    unused = q_.new_zeros((B * H, n_pos), dtype=torch.float32)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros(v.shape, dtype=out_dtype, device=v.device), unused
-    o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale)
+    o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale, rowmap)
     return o.to(out_dtype), unused
 
 
-def _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, cfg):
+def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing,
+              cfg):
     q_, k_, v_ = _prepare(q, k, v)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mixing)
     do_ = _unit_stride(do.to(v_.dtype))
     norm = _norm_mode(normalize, normalizer)
-    if _path(q_, v_, block_size, cfg) == "parallel":
+    if _path(q_, v_, block_size, _positions(q, rowmap), cfg) == "parallel":
         w3, sw_h = K._mixing3(mixing)
         o_ = _unit_stride(o.to(v_.dtype))
         dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
-                                    need_dmixing, cfg.parallel)
+                                    need_dmixing, cfg.parallel, rowmap)
     else:
-        dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, need_dmixing)
+        dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, need_dmixing, rowmap)
     dw = torch.zeros_like(mixing) if dw is None else dw.reshape(mixing.shape).to(mixing.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw
 
@@ -85,9 +95,10 @@ def _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps,
 
 class _MHLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg):
-        o, r = _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, cfg)
+    def forward(ctx, q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, cfg):
+        o, r = _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, cfg)
         ctx.save_for_backward(q, k, v, mixing, o, r)
+        ctx.rowmap = rowmap
         ctx.args = (block_size, normalize, normalizer, eps, scale)
         ctx.cfg = cfg
         return o
@@ -95,8 +106,9 @@ class _MHLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, mixing, o, r = ctx.saved_tensors
-        dq, dk, dv, dw = _backward(do, q, k, v, mixing, o, r, *ctx.args, ctx.needs_input_grad[3], ctx.cfg)
-        return dq, dk, dv, dw, None, None, None, None, None, None
+        dq, dk, dv, dw = _backward(do, q, k, v, mixing, ctx.rowmap, o, r, *ctx.args, ctx.needs_input_grad[3],
+                                   ctx.cfg)
+        return dq, dk, dv, dw, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +125,7 @@ def noncausal_fwd(
     k: torch.Tensor,
     v: torch.Tensor,
     mixing: torch.Tensor,
+    rowmap: torch.Tensor | None,
     block_size: int,
     normalize: bool,
     normalizer: str,
@@ -121,13 +134,13 @@ def noncausal_fwd(
     path: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal MHLA forward on checked inputs: (o, r), r the saved normaliser of the parallel path."""
-    return _forward(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, _config_for(path))
+    return _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, _config_for(path))
 
 
 @noncausal_fwd.register_fake
-def _(q, k, v, mixing, block_size, normalize, normalizer, eps, scale, path):
-    B, N, H, _ = q.shape
-    return v.new_empty(v.shape), q.new_empty((B * H, N), dtype=torch.float32)
+def _(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, path):
+    B, _, H, _ = q.shape
+    return v.new_empty(v.shape), q.new_empty((B * H, _positions(q, rowmap)), dtype=torch.float32)
 
 
 @torch.library.custom_op("mhla::noncausal_bwd", mutates_args=())
@@ -137,6 +150,7 @@ def noncausal_bwd(
     k: torch.Tensor,
     v: torch.Tensor,
     mixing: torch.Tensor,
+    rowmap: torch.Tensor | None,
     o: torch.Tensor,
     r: torch.Tensor,
     block_size: int,
@@ -148,18 +162,19 @@ def noncausal_bwd(
     path: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv, dmixing) of `noncausal_fwd` for the output gradient `do`."""
-    return _backward(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing,
-                     _config_for(path))
+    return _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normalizer, eps, scale,
+                     need_dmixing, _config_for(path))
 
 
 @noncausal_bwd.register_fake
-def _(do, q, k, v, mixing, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, path):
+def _(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing, path):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), mixing.new_empty(mixing.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mixing, *args = inputs
+    q, k, v, mixing, rowmap, *args = inputs
     ctx.save_for_backward(q, k, v, mixing, *output)
+    ctx.rowmap = rowmap
     ctx.args = tuple(args[:-1])
     ctx.path = args[-1]
 
@@ -167,9 +182,9 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, do, _dr):
     q, k, v, mixing, o, r = ctx.saved_tensors
     dq, dk, dv, dw = torch.ops.mhla.noncausal_bwd(
-        do, q, k, v, mixing, o, r, *ctx.args, ctx.needs_input_grad[3], ctx.path
+        do, q, k, v, mixing, ctx.rowmap, o, r, *ctx.args, ctx.needs_input_grad[3], ctx.path
     )
-    return dq, dk, dv, dw, None, None, None, None, None, None
+    return dq, dk, dv, dw, None, None, None, None, None, None, None
 
 
 noncausal_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -186,16 +201,18 @@ def mhla_triton(
     eps: float = 1e-6,
     scale: float = 1.0,
     config: NoncausalConfig | None = None,
+    rowmap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-causal MHLA with the Triton kernels; same arguments and result as `mhla_naive`.
 
     `config` sets the path and the parallel path's tiles (default `DEFAULT_CONFIG`); under
-    torch.compile only its `path` is honoured.
+    torch.compile only its `path` is honoured. `rowmap` (a grid layout's `BlockLayout.token_index`
+    on the inputs' device) lets q, k, v and the output stay in row-major grid order.
     """
     cfg = DEFAULT_CONFIG if config is None else config
     if not isinstance(cfg, NoncausalConfig):
         raise ValueError(f"config must be a NoncausalConfig or None, got {type(config).__name__}")
-    args = (q, k, v, mixing, int(block_size), bool(normalize), str(normalizer), float(eps), float(scale))
+    args = (q, k, v, mixing, rowmap, int(block_size), bool(normalize), str(normalizer), float(eps), float(scale))
     if torch.compiler.is_compiling():
         return torch.ops.mhla.noncausal_fwd(*args, cfg.path)[0]
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mixing)):
