@@ -326,10 +326,14 @@ def _par_dkdv_kernel(
                 iq0 = q0 // L
                 gk = _dot(ek_t, g, None, WPREC)  # [NB, BQ]: summed over the keys of each block
                 gkq = _dot(gk, _onehot(offs_q, L, iq0, NBQ), None, WPREC)  # [NB (j), NBQ (i)]
+                # only the block pairs the two tiles touch: NB, NBQ are padded to >= 16 for the
+                # products, and adding their zeros cost most of this kernel's time at 16-token blocks
                 cj = jk0 + tl.arange(0, NB)
                 ci = iq0 + tl.arange(0, NBQ)
+                j_end = tl.minimum(M, (tl.minimum(k0 + BK, N) - 1) // L + 1)
+                i_end = tl.minimum(M, (tl.minimum(q0 + BQ, N) - 1) // L + 1)
                 tl.atomic_add(dwb + ci[None, :] * M + cj[:, None], gkq,
-                              mask=(cj[:, None] < M) & (ci[None, :] < M))
+                              mask=(cj[:, None] < j_end) & (ci[None, :] < i_end))
     dkb = dk_ptr + b * sdk_b + h * sdk_h
     dvb = dv_ptr + b * sdv_b + h * sdv_h
     _store_rows2(dkb, rows_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DK)
