@@ -1,7 +1,7 @@
 """Time MHLA ops against softmax attention (SDPA) and linear attention on the current device.
 
     python scripts/bench_ops.py                      # CUDA: paper shapes; CPU: small shapes
-    python scripts/bench_ops.py --markdown docs/benchmarks.md --plot docs/img/ops_speed.png
+    python scripts/bench_ops.py --markdown docs/benchmarks.md --plot docs/img/ops_ratio.svg --json rows.json
 
 Non-causal: SDPA (flash and cuDNN backends on CUDA, the default backend on CPU), plain linear
 attention in PyTorch, MHLA PyTorch reference, MHLA Triton. Causal: fla chunk_linear_attn (if
@@ -12,13 +12,16 @@ triton.testing.do_bench on CUDA, perf_counter on CPU); forward and forward+backw
 on CUDA is the allocator's peak during one fwd+bwd minus the inputs. `--markdown FILE` writes the
 tables between `<!-- bench_ops:start -->` and `<!-- bench_ops:end -->` in FILE, keeping the rest of
 the file and the `###` subsections this run did not measure (a file without the markers gets the
-section appended).
+section appended). `--json FILE` saves every section's rows and the environment; `--plot FILE.svg` draws the
+non-causal times over the best SDPA backend's (`scripts/bench_plot.py`, which redraws it from the JSON or the
+printed tables on any machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import platform
 import statistics
@@ -37,6 +40,8 @@ from mhla_core import NoncausalConfig, causal_mixing_init, chunk_mhla, fused_rec
 from mhla_core.ops.causal import chunk_mhla_triton  # noqa: E402
 from mhla_core.ops.noncausal import mhla_triton  # noqa: E402
 from scripts.authors_style_noncausal import authors_style_mhla  # noqa: E402
+from scripts.bench_plot import best_sdpa as _best_sdpa  # noqa: E402
+from scripts.bench_plot import noncausal_svg  # noqa: E402
 from scripts.bench_timing import gpu_kernel_ms  # noqa: E402
 from scripts.causal_loop_baseline import LOOP_MAX_TOKENS, chunk_loop_mhla  # noqa: E402
 from scripts.doc_sections import merge_subsections, read_marked_section, write_marked_section  # noqa: E402
@@ -262,11 +267,6 @@ def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def _best_sdpa(rows: list[dict], shape: str, key: str) -> float | None:
-    times = [r[key] for r in rows if r["shape"] == shape and r["impl"].startswith("SDPA") and r.get(key)]
-    return min(times) if times else None
-
-
 def table(rows: list[dict]) -> str:
     """A markdown table; the ratio columns are each row's time over the best SDPA backend's (same shape)."""
     lines = ["| shape | implementation | fwd ms | fwd+bwd ms | GPU kernels fwd+bwd ms | peak extra GiB | "
@@ -295,26 +295,6 @@ def environment(device: torch.device) -> str:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}")
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    nc = [r for r in rows if "T=" not in r["shape"] and r.get("fwd")]
-    for impl in dict.fromkeys(r["impl"] for r in nc):
-        pts = sorted((r["tokens"], r["fwd"]) for r in nc if r["impl"] == impl and r["shape"].split()[0] != "DiT-S")
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=impl)
-    ax.set(xscale="log", yscale="log", xlabel="tokens N (B=1, H=12, D=128)", ylabel="forward ms (median)",
-           title="Non-causal attention forward")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def write_section(path: str, section: str) -> None:
     """Put `section` between the bench_ops markers of the markdown file `path`, keeping the rest."""
     write_marked_section(path, section, "bench_ops")
@@ -327,31 +307,37 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--only", choices=["noncausal", "causal", "decode"], default=None)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--markdown", default=None, help="write the tables to this markdown file")
-    ap.add_argument("--plot", default=None, help="write a log-log plot of forward time vs tokens")
+    ap.add_argument("--plot", default=None, help="write an SVG of the non-causal times / best SDPA backend's")
+    ap.add_argument("--json", default=None, help="write every section's rows and the environment to this file")
     args = ap.parse_args(argv)
+    if args.plot and not args.plot.endswith(".svg"):
+        ap.error("--plot writes SVG: give a .svg path")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     timer = _timer(device, args.reps)
     cuda = device.type == "cuda"
     env = environment(device)
     print(f"# {env}, {dtype}")
-    sections = []
+    sections = []  # (title, rows, table)
     if args.only in (None, "noncausal"):
         rows = noncausal_rows(NONCAUSAL_CUDA if cuda else NONCAUSAL_CPU, device, dtype, timer)
-        sections.append(("Non-causal (shape: B, H, N, D, blocks)", rows))
+        sections.append(("Non-causal (shape: B, H, N, D, blocks)", rows, table(rows)))
     if args.only in (None, "causal"):
-        sections.append(("Causal (chunked)", causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)))
-    measured = f"Measured with `python scripts/bench_ops.py` on {env}, {dtype}. Medians."
-    subs = [(title, table(rows)) for title, rows in sections]
+        rows = causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)
+        sections.append(("Causal (chunked)", rows, table(rows)))
     if args.only in (None, "decode"):
         rows = decode_rows(DECODE_CUDA if cuda else DECODE_CPU, device, dtype, timer)
-        subs.append(("Decode (one token per sequence per step, after a chunked prefill)", decode_table(rows)))
-    text = "\n\n".join(f"### {title}\n\n{measured}\n\n{body}" for title, body in subs)
+        sections.append(("Decode (one token per sequence per step, after a chunked prefill)", rows, decode_table(rows)))
+    measured = f"Measured with `python scripts/bench_ops.py` on {env}, {dtype}. Medians."
+    text = "\n\n".join(f"### {title}\n\n{measured}\n\n{body}" for title, _, body in sections)
     print(f"\n{text}\n")
     if args.markdown:  # subsections this run did not measure stay as they were
         write_section(args.markdown, merge_subsections(read_marked_section(args.markdown, "bench_ops"), text))
-    if args.plot and sections and sections[0][0].startswith("Non-causal"):
-        plot(sections[0][1], args.plot)
+    if args.json:
+        data = dict(environment=env, dtype=str(dtype), sections=[dict(title=t, rows=r) for t, r, _ in sections])
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+    if args.plot and sections[0][0].startswith("Non-causal"):
+        Path(args.plot).write_text(noncausal_svg(sections[0][1], f"{env}, {dtype}"))
     return text
 
 
