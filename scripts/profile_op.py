@@ -1,6 +1,12 @@
 """Per-kernel CUDA time of one non-causal MHLA forward + backward (torch.profiler), for one shape.
 
     python scripts/profile_op.py --shape 128 3 256 64 16 [--path parallel] [--normalizer exact]
+    python scripts/profile_op.py --shape 32 16 256 72 16 --grid 16 16 --blocks 4 4 [--copies]
+
+With --grid / --blocks the tokens are in row-major grid order and q, k, v are strided views of one
+[B, N, 3, H, D] tensor (as the MHLA layer's qkv projection gives); the op reads the grid order itself
+(`layout=`), or with --copies the inputs are permuted by `BlockLayout.to_blocks` first (the layer
+before grid-order addressing). N and M of --shape must match the layout.
 """
 
 from __future__ import annotations
@@ -13,24 +19,49 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mhla_core import NoncausalConfig, mhla  # noqa: E402
+from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=5, metavar=("B", "H", "N", "D", "M"), required=True)
     ap.add_argument("--path", default="auto", choices=["auto", "parallel", "state"])
     ap.add_argument("--normalizer", default="exact")
+    ap.add_argument("--grid", type=int, nargs="+", default=None, help="token grid (row-major order)")
+    ap.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks per grid axis")
+    ap.add_argument("--copies", action="store_true", help="with --grid: to_blocks / from_blocks around the op")
     ap.add_argument("--rows", type=int, default=15)
     args = ap.parse_args()
     B, H, N, D, M = args.shape
-    q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    w = torch.rand(M, M, device="cuda").requires_grad_()
     cfg = NoncausalConfig(path=args.path)
+    w = torch.rand(M, M, device="cuda").requires_grad_()
+    if args.grid is None:
+        q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        leaves = [q, k, v, w]
+
+        def op():
+            return mhla(q, k, v, w, block_size=N // M, normalizer=args.normalizer, config=cfg)
+    else:
+        if args.blocks is None:
+            ap.error("--grid needs --blocks")
+        layout = BlockLayout(tuple(args.grid), tuple(args.blocks))
+        if layout.num_tokens != N or layout.num_blocks != M:
+            ap.error(f"--shape N={N}, M={M} disagree with {layout!r} ({layout.num_tokens} tokens, "
+                     f"{layout.num_blocks} blocks)")
+        qkv = torch.rand(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        q, k, v = qkv.unbind(dim=2)
+        leaves = [qkv, w]
+
+        def op():
+            if args.copies:
+                qb, kb, vb = (layout.to_blocks(t) for t in (q, k, v))
+                return layout.from_blocks(mhla(qb, kb, vb, w, block_size=layout.block_size,
+                                               normalizer=args.normalizer, config=cfg))
+            return mhla(q, k, v, w, layout=layout, normalizer=args.normalizer, config=cfg)
 
     def step():
-        o = mhla(q, k, v, w, block_size=N // M, normalizer=args.normalizer, config=cfg)
-        torch.autograd.grad(o, [q, k, v, w], torch.ones_like(o))
+        o = op()
+        torch.autograd.grad(o, leaves, torch.ones_like(o))
 
     for _ in range(3):
         step()
@@ -40,7 +71,9 @@ def main() -> None:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"shape {args.shape}, path {args.path}: 5 steps")
+    where = "" if args.grid is None else f", grid {args.grid} blocks {args.blocks}" + (" with copies" if args.copies
+                                                                                         else " (layout=)")
+    print(f"shape {args.shape}, path {args.path}{where}: 5 steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
