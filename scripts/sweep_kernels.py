@@ -3,31 +3,35 @@
     python scripts/sweep_kernels.py [--markdown out.md]
 
 1. Per-kernel CUDA time (torch.profiler) of one forward+backward at the Wan and 126K shapes.
-2. For a few variants of `triton_kernels.LAUNCH` / `MIX_PREC_HALF`: forward and forward+backward
-   medians (triton.testing.do_bench) and the forward's relative error against the fp32 reference.
+2. For a few variants of the state path's settings (`StateConfig`: launch tiles, `mix_prec_half`), each
+   passed as `NoncausalConfig(state=...)`: forward and forward+backward medians (triton.testing.do_bench)
+   and the forward's relative error against the fp32 reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
-from mhla_core import mhla
+from mhla_core import NoncausalConfig, StateConfig, mhla
 from mhla_core.ops.noncausal import triton_kernels as TK
+from mhla_core.ops.noncausal.state_config import default_state_config
 
 SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600)}
+TOKEN_KERNELS = ("state_kernel", "out_kernel", "bwd_q_kernel", "bwd_kv_kernel")
+# changes to the default StateConfig: a dict changes fields of that launch setting, anything else is the value
 VARIANTS = {
     "default": {},
-    "state/out BLOCK_T 128": {"LAUNCH": {"state": {"BLOCK_T": 128}, "out": {"BLOCK_T": 128}}},
-    "warps 4": {"LAUNCH": {k: {"num_warps": 4} for k in ("state", "out", "bwd_q", "bwd_kv")}},
-    "mix J64 C128": {"LAUNCH": {"mix": {"BLOCK_J": 64, "BLOCK_C": 128}, "dw": {"BLOCK_C": 128}}},
-    "mix bf16": {"MIX_PREC_HALF": "bf16"},
-    "stages 3": {"LAUNCH": {k: {"num_stages": 3} for k in ("state", "out", "bwd_q", "bwd_kv")}},
+    "state/out BLOCK_T 128": {"state_kernel": {"block_t": 128}, "out_kernel": {"block_t": 128}},
+    "warps 4": {k: {"num_warps": 4} for k in TOKEN_KERNELS},
+    "mix J64 C128": {"mix_kernel": {"block_j": 64, "block_c": 128}, "dw_kernel": {"block_c": 128}},
+    "mix bf16": {"mix_prec_half": "bf16"},
+    "stages 3": {k: {"num_stages": 3} for k in TOKEN_KERNELS},
 }
 
 
@@ -55,11 +59,11 @@ def per_kernel(shape) -> list[tuple[str, float]]:
     return sorted(times.items(), key=lambda kv: -kv[1])
 
 
-def time_variant(q, k, v, W, L, dout, ref) -> tuple[float, float, float]:
+def time_variant(q, k, v, W, L, dout, ref, cfg: NoncausalConfig) -> tuple[float, float, float]:
     """Forward and forward+backward medians (ms) and the forward's relative error against `ref`."""
 
     def fwd():
-        return mhla(q, k, v, W, block_size=L, backend="triton")
+        return mhla(q, k, v, W, block_size=L, backend="triton", config=cfg)
 
     with torch.no_grad():
         err = ((fwd().float() - ref).norm() / ref.norm()).item()
@@ -68,21 +72,19 @@ def time_variant(q, k, v, W, L, dout, ref) -> tuple[float, float, float]:
     return t_fwd, t_fb, err
 
 
-def apply(variant: dict, base: dict) -> None:
-    TK.LAUNCH.clear()
-    TK.LAUNCH.update(copy.deepcopy(base["LAUNCH"]))
-    for name, cfg in variant.get("LAUNCH", {}).items():
-        TK.LAUNCH[name].update(cfg)
-    TK.MIX_PREC_HALF = variant.get("MIX_PREC_HALF", base["MIX_PREC_HALF"])
-    TK._PLANS.clear()
+def variant_config(variant: dict, base: StateConfig) -> NoncausalConfig:
+    """The config of one variant; the launchers' out-of-resources fallbacks start afresh."""
+    changes = {name: replace(getattr(base, name), **value) if isinstance(value, dict) else value
+               for name, value in variant.items()}
     TK._FALLBACK.clear()
+    return NoncausalConfig(state=replace(base, **changes))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
-    base = {"LAUNCH": copy.deepcopy(TK.LAUNCH), "MIX_PREC_HALF": TK.MIX_PREC_HALF}
+    base = default_state_config()
     out = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n"]
     for name, shape in SHAPES.items():
         rows = per_kernel(shape)
@@ -98,14 +100,13 @@ def main() -> None:
         with torch.no_grad():
             ref = mhla(q.float(), k.float(), v.float(), W, block_size=L, backend="torch")
         for vname, variant in VARIANTS.items():
-            apply(variant, base)
             try:
-                fwd, fb, err = time_variant(q, k, v, W, L, dout, ref)
+                cfg = variant_config(variant, base)
+                fwd, fb, err = time_variant(q, k, v, W, L, dout, ref, cfg)
                 out.append(f"| {name} | {vname} | {fwd:.3f} | {fb:.3f} | {err:.1e} |")
             except Exception as e:  # a variant that does not compile is reported, not fatal
                 out.append(f"| {name} | {vname} | error: {type(e).__name__} {str(e)[:50]} | | |")
             print(out[-1], flush=True)
-    apply({}, base)
     text = "\n".join(out)
     print(text)
     if args.markdown:

@@ -6,8 +6,8 @@
 The non-causal kernels keep one fp32 state row per block, X [B*H, M, RS] (RS >= Dk*Dv + Dk), and mix
 it three times per forward+backward (docs/kernels.md: 41 % of the Wan fwd+bwd, 63 % at 126K tokens). This
 times, on the same X and W:
-  * `_mix_triton` with the current LAUNCH["mix"] and with variants of its tiles, warps and stages
-    (`BLOCK_I` below M forces row tiles written out of place);
+  * `_mix_triton` with the default `StateConfig.mix_kernel` and with variants of its tiles, warps and
+    stages, each a `StateConfig` of its own (`block_i` below M forces row tiles written out of place);
   * cuBLAS: one broadcast batched GEMM in tf32, and in bf16 on states already held in bf16 (what a
     bf16 state store would cost; casts not timed).
 Each variant is first checked against a float64 product (relative error), then timed with
@@ -18,32 +18,38 @@ triton.testing.do_bench (median). GB/s counts reading X and writing Y once in th
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
+from dataclasses import replace
 from functools import partial
 
 import torch
 
 from mhla_core.ops.noncausal import triton_kernels as TK
+from mhla_core.ops.noncausal.state_config import StateConfig, default_state_config
 
 SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600)}
-TINY_SHAPES = {"tiny": (1, 2, 40 * 3, 16, 40)}  # M = 40 > BLOCK_I = 32: row tiles out of place
+TINY_SHAPES = {"tiny": (1, 2, 40 * 3, 16, 40)}  # M = 40 > block_i = 32: row tiles out of place
+# changes to the default `MixLaunch` (StateConfig.mix_kernel)
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "I64 (row tiles, out of place)": {"BLOCK_I": 32, "BLOCK_I_LARGE": 64},
-    "I128 (row tiles, out of place)": {"BLOCK_I": 64, "BLOCK_I_LARGE": 128},
-    "I64 C128": {"BLOCK_I": 32, "BLOCK_I_LARGE": 64, "BLOCK_C": 128},
-    "I64 J64 C128": {"BLOCK_I": 32, "BLOCK_I_LARGE": 64, "BLOCK_J": 64, "BLOCK_C": 128},
-    "I128 J64 C64 w4": {"BLOCK_I": 64, "BLOCK_I_LARGE": 128, "BLOCK_J": 64, "num_warps": 4},
-    "default C32 w4": {"BLOCK_C": 32, "num_warps": 4},
-    "default J16 s4": {"BLOCK_J": 16, "num_stages": 4},
+    "I64 (row tiles, out of place)": {"block_i": 32, "block_i_large": 64},
+    "I128 (row tiles, out of place)": {"block_i": 64, "block_i_large": 128},
+    "I64 C128": {"block_i": 32, "block_i_large": 64, "block_c": 128},
+    "I64 J64 C128": {"block_i": 32, "block_i_large": 64, "block_j": 64, "block_c": 128},
+    "I128 J64 C64 w4": {"block_i": 64, "block_i_large": 128, "block_j": 64, "num_warps": 4},
+    "default C32 w4": {"block_c": 32, "num_warps": 4},
+    "default J16 s4": {"block_j": 16, "num_stages": 4},
 }
 
 
-def _plan(shape, device, dtype):
+def _variant(base: StateConfig, tiles: dict) -> StateConfig:
+    return replace(base, mix_kernel=replace(base.mix_kernel, **tiles))
+
+
+def _plan(shape, device, dtype, cfg: StateConfig):
     B, H, N, D, M = shape
     q = torch.empty(B, N, H, D, device=device, dtype=dtype)
-    return TK.make_plan(q, q, N // M, M, TK.NORM_EXACT)
+    return TK.make_plan(q, q, N // M, M, TK.NORM_EXACT, cfg)
 
 
 def _timer(device):
@@ -58,8 +64,9 @@ def run(shapes: dict, device: torch.device, hbm_tbps: float, tiny: bool) -> list
     """One row per (shape, variant): ms, GB/s, x roofline, relative error."""
     time_ms = _timer(device)
     rows = []
+    base = default_state_config()
     for sname, shape in shapes.items():
-        p = _plan(shape, device, torch.bfloat16)
+        p = _plan(shape, device, torch.bfloat16, base)
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.rand(p.B * p.H, p.M, p.row_stride, generator=g).to(device)
         w = torch.rand(p.M, p.M, generator=g).to(device)
@@ -67,19 +74,16 @@ def run(shapes: dict, device: torch.device, hbm_tbps: float, tiny: bool) -> list
         ref = torch.matmul(w.double(), x[..., : p.row].double())
         bytes_fp32 = 2 * x[..., : p.row].numel() * 4
         variants = dict(list(VARIANTS.items())[:3]) if tiny else VARIANTS
-        saved = copy.deepcopy(TK.LAUNCH["mix"])
-        for vname, cfg in variants.items():
-            TK.LAUNCH["mix"] = {**saved, **cfg}
+        for vname, tiles in variants.items():
             try:
-                y = TK._mix_triton(p, w3, sw_h, x.clone(), False, True)
+                pv = _plan(shape, device, torch.bfloat16, _variant(base, tiles))
+                y = TK._mix_triton(pv, w3, sw_h, x.clone(), False, True)
                 err = ((y[..., : p.row].double() - ref).norm() / ref.norm()).item()
                 xs = x.clone()
-                ms = time_ms(partial(TK._mix_triton, p, w3, sw_h, xs, False, True))
+                ms = time_ms(partial(TK._mix_triton, pv, w3, sw_h, xs, False, True))
             except Exception as e:  # a variant that does not compile or fit
                 print(f"{sname} {vname}: failed ({str(e).splitlines()[0][:120]})", flush=True)
                 continue
-            finally:
-                TK.LAUNCH["mix"] = saved
             rows.append(_row(sname, f"triton {vname}", ms, bytes_fp32, hbm_tbps, err))
         if device.type == "cuda":
             xv = x.view(p.B, p.H, p.M, p.row_stride)

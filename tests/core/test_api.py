@@ -11,7 +11,7 @@ def _params(fn):
 
 def test_exports():
     for name in ["mhla", "chunk_mhla", "fused_recurrent_mhla", "BlockLayout", "block_distance_mixing",
-                 "causal_mixing_init", "MHLA", "NoncausalConfig"]:
+                 "causal_mixing_init", "MHLA", "NoncausalConfig", "StateConfig"]:
         assert name in mhla_core.__all__ and hasattr(mhla_core, name)
 
 

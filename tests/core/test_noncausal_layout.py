@@ -6,6 +6,8 @@ that addressing. On CPU the kernels run in the Triton interpreter.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ pytest.importorskip("triton")
 
 from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
-from mhla_core.ops.noncausal import triton_kernels as K  # noqa: E402
+from mhla_core.ops.noncausal.state_config import default_state_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
@@ -25,19 +27,11 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def force_state(monkeypatch):
-    def set_(variant: str) -> NoncausalConfig:
-        monkeypatch.setattr(K, "FORCE_PATH", variant)
-        return NoncausalConfig(path="state")
-
-    return set_
-
-
-def _config(path: str, force_state) -> NoncausalConfig:
+def _config(path: str) -> NoncausalConfig:
+    """The parallel path with small tiles, or the state path's "state" / "direct" variant."""
     if path == "parallel":
         return NoncausalConfig(path="parallel", parallel=P.ParallelTiles(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1))
-    return force_state(path)
+    return NoncausalConfig(path="state", state=replace(default_state_config(), variant=path))
 
 
 def _errors(layout: BlockLayout, cfg, normalize, normalizer, per_head=False, bhnd=False, H=2, Dk=16, Dv=16,
@@ -71,16 +65,16 @@ def _errors(layout: BlockLayout, cfg, normalize, normalizer, per_head=False, bhn
 @pytest.mark.parametrize("normalize,normalizer", NORMS)
 @pytest.mark.parametrize("grid,blocks", LAYOUTS)
 @pytest.mark.parametrize("path", ["parallel", "state", "direct"])
-def test_grid_order_matches_block_layout(path, grid, blocks, normalize, normalizer, force_state):
+def test_grid_order_matches_block_layout(path, grid, blocks, normalize, normalizer):
     layout = BlockLayout(grid, blocks)
-    errs = _errors(layout, _config(path, force_state), normalize, normalizer)
+    errs = _errors(layout, _config(path), normalize, normalizer)
     assert max(errs) < 1e-4, errs
 
 
 @pytest.mark.parametrize("path", ["parallel", "state"])
-def test_grid_order_per_head_bhnd_bf16(path, force_state):
+def test_grid_order_per_head_bhnd_bf16(path):
     layout = BlockLayout((5, 7), (2, 3))
-    errs = _errors(layout, _config(path, force_state), True, "reference", per_head=True, bhnd=True, Dk=24, Dv=20,
+    errs = _errors(layout, _config(path), True, "reference", per_head=True, bhnd=True, Dk=24, Dv=20,
                    dtype=torch.bfloat16)
     assert max(errs) < 2e-2, errs
 
@@ -101,8 +95,8 @@ def test_token_index_is_the_block_layout():
 def test_block_major_layout_takes_the_plain_path():
     """An undivided 1D grid is already block-major: layout= equals block_size= exactly."""
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.rand(1, 32, 2, 16, generator=g) for _ in range(3))
-    w = torch.rand(4, 4, generator=g)
+    q, k, v = (torch.rand(1, 32, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    w = torch.rand(4, 4, generator=g).to(DEVICE)
     a = mhla(q, k, v, w, layout=BlockLayout((32,), (4,)), backend="triton")
     b = mhla(q, k, v, w, block_size=8, backend="triton")
     assert torch.equal(a, b)

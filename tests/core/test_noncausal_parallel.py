@@ -105,6 +105,9 @@ def test_planner_choice_at_paper_shapes():
     ]:
         assert choose_path(B, H, N, N // M, D, D, 2, cfg) == want, (B, H, N, D, M)
     assert choose_path(128, 3, 256, 256 // 16, 64, 64, 2, NoncausalConfig(path="state")) == "state"
+    # head dims above 128 (fp32 parallel tiles overflowed shared memory on the H200): the state path
+    assert choose_path(1, 2, 768, 256, 256, 256, 4, cfg) == "state"
+    assert choose_path(1, 2, 768, 256, 128, 128, 4, cfg) == "parallel"
 
 
 def test_config_errors():

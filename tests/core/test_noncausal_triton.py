@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,32 +16,25 @@ from mhla_core.ops.noncausal import (
 )
 from mhla_core.ops.noncausal import triton_kernels as K  # noqa: E402
 from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
+from mhla_core.ops.noncausal.state_config import (  # noqa: E402
+    DwLaunch,
+    MixLaunch,
+    StateConfig,
+    TokenLaunch,
+    default_state_config,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 VARIANTS = [(True, "exact"), (True, "reference"), (False, "exact")]
 
 
-@pytest.fixture
-def knobs(monkeypatch):
-    """Set kernel module settings for one test; restored afterwards."""
-
-    def set_(**kw):
-        for name, value in kw.items():
-            if name in K.LAUNCH:
-                monkeypatch.setitem(K.LAUNCH, name, {**K.LAUNCH[name], **value})
-            else:
-                monkeypatch.setattr(K, name, value)
-
-    return set_
-
-
-def _config(knobs, path):
-    """The config that forces `path`: "parallel", or "state" / "direct" (the state kernels' variants)."""
+def _config(path, **state):
+    """The config that forces `path`: "parallel", or "state" / "direct" (the state kernels' variants);
+    `state`: StateConfig fields to change from the defaults."""
     if path == "parallel":
         return NoncausalConfig(path="parallel")
-    knobs(FORCE_PATH=path)
-    return NoncausalConfig(path="state")
+    return NoncausalConfig(path="state", state=replace(default_state_config(), variant=path, **state))
 
 
 def _inputs(B, H, M, L, Dk, Dv, per_head, seed=0):
@@ -85,8 +80,8 @@ def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.fl
 @pytest.mark.parametrize("path", ["state", "direct", "parallel"])
 @pytest.mark.parametrize("normalize,normalizer", VARIANTS)
 @pytest.mark.parametrize("per_head", [False, True])
-def test_fp32_matches_reference(knobs, path, normalize, normalizer, per_head):
-    cfg = _config(knobs, path)
+def test_fp32_matches_reference(path, normalize, normalizer, per_head):
+    cfg = _config(path)
     shape = (2, 2, 5, 6, 16, 32) if per_head else (1, 2, 4, 10, 32, 16)  # Dk != Dv both ways
     err, errs = _compare(*shape, per_head, normalize, normalizer, config=cfg)
     assert err < TOL[torch.float32], errs
@@ -101,11 +96,17 @@ def test_single_block_is_linear_attention(normalize, normalizer):
 
 
 @pytest.mark.parametrize("normalize,normalizer", VARIANTS)
-def test_several_dv_tiles_and_row_tiles(knobs, normalize, normalizer):
+def test_several_dv_tiles_and_row_tiles(normalize, normalizer):
     """Dv split over programs (program 0 does dq, dk), mixing with several row tiles, split dW."""
-    knobs(FORCE_PATH="state", MAX_BLOCK_DV=16, mix={"BLOCK_I": 16, "BLOCK_I_LARGE": 16},
-          dw={"BLOCK_I": 16, "BLOCK_C": 64, "min_programs": 64})
-    err, errs = _compare(1, 1, 17, 3, 24, 40, True, normalize, normalizer, config=NoncausalConfig(path="state"))
+    base = default_state_config()
+    cfg = _config("state", max_block_dv=16, max_block_dv_fp32=16,
+                  mix_kernel=replace(base.mix_kernel, block_i=16, block_i_large=16),
+                  dw_kernel=replace(base.dw_kernel, block_i=16, block_c=64, min_programs=64))
+    q = torch.empty(1, 17 * 3, 1, 24)
+    plan = K.make_plan(q, torch.empty(1, 17 * 3, 1, 40), 3, 17, triton_ops._norm_mode(normalize, normalizer),
+                       cfg.state)
+    assert plan.n_dv == 3 and not plan.direct
+    err, errs = _compare(1, 1, 17, 3, 24, 40, True, normalize, normalizer, config=cfg)
     assert err < TOL[torch.float32], errs
 
 
@@ -114,8 +115,8 @@ HALF_CASES = [(torch.bfloat16, "exact"), (torch.bfloat16, "reference"), (torch.f
 
 @pytest.mark.parametrize("path", ["state", "direct", "parallel"])
 @pytest.mark.parametrize("dtype,normalizer", HALF_CASES)
-def test_half_precision(knobs, dtype, path, normalizer):
-    cfg = _config(knobs, path)
+def test_half_precision(dtype, path, normalizer):
+    cfg = _config(path)
     err, errs = _compare(2, 2, 5, 6, 16, 32, path != "direct", True, normalizer, dtype=dtype, config=cfg)
     assert err < TOL[dtype], errs
 
@@ -132,14 +133,62 @@ def test_strided_views_and_frozen_mixing():
     ref_in = torch.stack([q, k, v], dim=2).double().requires_grad_()
     ref = mhla(*ref_in.unbind(dim=2), w.double(), block_size=L, backend="torch")
     (ref_grad,) = torch.autograd.grad(ref, ref_in, do.double())
-    assert _rel(out, ref) < 1e-4 and _rel(grad, ref_grad) < 1e-4
+    assert _rel(out.cpu(), ref) < 1e-4 and _rel(grad.cpu(), ref_grad) < 1e-4
 
 
 def test_state_variant_choice():
+    cfg = StateConfig()  # the GPU defaults
     q = torch.empty(1, 256, 6, 64)
-    assert K.make_plan(q, q, 16, 16, K.NORM_EXACT).direct  # DiT-S: 16 blocks of 16 tokens
+    assert K.make_plan(q, q, 16, 16, K.NORM_EXACT, cfg).direct  # DiT-S: 16 blocks of 16 tokens
+    assert not K.make_plan(q, q, 16, 16, K.NORM_EXACT, replace(cfg, variant="state")).direct
     q = torch.empty(1, 31500, 1, 128)
-    assert not K.make_plan(q, q, 210, 150, K.NORM_EXACT).direct  # Wan: 150 blocks of 210 tokens
+    assert not K.make_plan(q, q, 210, 150, K.NORM_EXACT, cfg).direct  # Wan: 150 blocks of 210 tokens
+    q = torch.empty(1, 256, 1, 16)
+    assert K.make_plan(q, q, 128, 2, K.NORM_EXACT, replace(cfg, variant="direct")).direct  # beyond direct_max_l
+    assert not K.make_plan(q, q, 128, 2, K.NORM_EXACT, cfg).direct
+
+
+@pytest.mark.parametrize("bad,field", [
+    (lambda: StateConfig(variant="fast"), "variant"),
+    (lambda: StateConfig(mix_impl="cublas"), "mix_impl"),
+    (lambda: StateConfig(mix_prec_half="fp16"), "mix_prec_half"),
+    (lambda: StateConfig(max_block_dv=96), "max_block_dv"),
+    (lambda: StateConfig(fp32_block_t=8), "fp32_block_t"),
+    (lambda: StateConfig(direct_max_m=0), "direct_max_m"),
+    (lambda: StateConfig(cost_bw=-1.0), "cost_bw"),
+    (lambda: StateConfig(bwd_tf32_half=1), "bwd_tf32_half"),
+    (lambda: StateConfig(mix_kernel={"block_i": 64}), "mix_kernel"),
+    (lambda: TokenLaunch(block_t=48), "block_t"),
+    (lambda: TokenLaunch(num_warps=3), "num_warps"),
+    (lambda: MixLaunch(block_c=100), "block_c"),
+    (lambda: DwLaunch(min_programs=0), "min_programs"),
+    (lambda: DwLaunch(num_stages=0), "num_stages"),
+    (lambda: NoncausalConfig(state="direct"), "state"),
+])
+def test_state_config_validation(bad, field):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        bad()
+
+
+def test_state_config_keys_the_plan_cache():
+    """Configs differing only in a launch setting give different plans; equal configs share one."""
+    base = replace(default_state_config(), variant="state", state_kernel=TokenLaunch(16, 4, 1))
+    assert hash(base) == hash(replace(base)) and NoncausalConfig().state == default_state_config()
+    q = torch.empty(1, 5 * 64, 2, 16, dtype=torch.bfloat16)
+    plan = K.make_plan(q, q, 64, 5, K.NORM_EXACT, base)
+    assert K.make_plan(q, q, 64, 5, K.NORM_EXACT, replace(base)) is plan  # an equal config: the cached plan
+    warps = replace(base, out_kernel=replace(base.out_kernel, num_warps=2 * base.out_kernel.num_warps))
+    tile = replace(base, state_kernel=TokenLaunch(32, 4, 1))
+    for cfg in (warps, tile):
+        assert cfg != base
+        other = K.make_plan(q, q, 64, 5, K.NORM_EXACT, cfg)
+        assert other is not plan and other.config is cfg
+        assert K.make_plan(q, q, 64, 5, K.NORM_EXACT, cfg) is other
+    more_warps = K.make_plan(q, q, 64, 5, K.NORM_EXACT, warps).launch("out")["num_warps"]
+    assert more_warps == 2 * plan.launch("out")["num_warps"]
+    assert K.make_plan(q, q, 64, 5, K.NORM_EXACT, tile).token_block("state") == 2 * plan.token_block("state")
+    with pytest.raises(ValueError, match="StateConfig"):
+        K.make_plan(q, q, 64, 5, K.NORM_EXACT, None)
 
 
 def test_float64_raises():
@@ -268,9 +317,9 @@ def test_launch_falls_back_on_shared_memory_overflow():
 
 
 @pytest.mark.parametrize("path", ["state", "direct", "parallel"])
-def test_fp16_state_beyond_fp16_range(knobs, path):
+def test_fp16_state_beyond_fp16_range(path):
     """fp16 inputs whose mixed state exceeds 65504 (the output does not): no overflow."""
-    cfg = _config(knobs, path)
+    cfg = _config(path)
     B, H, M, L, D = 1, 2, 2, 12, 16
     q, k, _, _, do = _inputs(B, H, M, L, D, D, False, seed=3)
     v = 3000.0 + 100.0 * torch.randn(B, M * L, H, D)
@@ -283,9 +332,8 @@ def test_fp16_state_beyond_fp16_range(knobs, path):
 
 @pytest.mark.parametrize("mix_impl,mix_prec", [("matmul", "tf32"), ("matmul", "bf16"), ("triton", "bf16")])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_mixing_implementations(knobs, mix_impl, mix_prec, per_head):
-    """The cuBLAS mixing (MIX_IMPL="matmul") and bf16 mixing operands still match the reference."""
-    knobs(MIX_IMPL=mix_impl, MIX_PREC_HALF=mix_prec, FORCE_PATH="state")
-    err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16,
-                         config=NoncausalConfig(path="state"))
+def test_mixing_implementations(mix_impl, mix_prec, per_head):
+    """The cuBLAS mixing (mix_impl="matmul") and bf16 mixing operands still match the reference."""
+    cfg = _config("state", mix_impl=mix_impl, mix_prec_half=mix_prec)
+    err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16, config=cfg)
     assert err < TOL[torch.bfloat16], errs

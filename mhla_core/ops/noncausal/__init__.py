@@ -7,6 +7,7 @@ import torch
 from mhla_core.layout import BlockLayout
 from mhla_core.ops.noncausal.naive import mhla_naive
 from mhla_core.ops.noncausal.plan import NoncausalConfig
+from mhla_core.ops.noncausal.state_config import StateConfig
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
 
 NORMALIZERS = ("exact", "reference")
@@ -69,8 +70,8 @@ def mhla(
         eps: added to the denominator.
         scale: query scale, default Dk ** -0.5.
         backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".
-        config: Triton path settings (`NoncausalConfig`: which path, tile sizes); default: the
-            cost model's choice per shape.
+        config: Triton path settings (`NoncausalConfig`: which path, the parallel path's tiles, the
+            state path's `StateConfig`); default: the cost model's choice per shape.
 
     Returns:
         [B, N, H, Dv] in v.dtype.
@@ -111,4 +112,4 @@ def _check_layout(layout: BlockLayout, num_tokens: int, block_size: int | None) 
                          "give one of them")
 
 
-__all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig"]
+__all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig", "StateConfig"]

@@ -9,8 +9,10 @@ The choice comes from a cost model of the forward + backward on an H200 (docs/ke
               tokens, at state_bw, plus state_launch for its 9 launches
 
 Both terms scale with B * H alike, so the crossover moves with the batch only through launch cost.
-`NoncausalConfig` is the one object that sets the choice (tests and sweeps build their own);
-plans are cached per shape.
+`NoncausalConfig` is the one object that sets the choice and every kernel setting: `parallel` (the
+parallel path's `ParallelTiles`) and `state` (the block-state path's `StateConfig`: its tiles, Dv tiling,
+direct variant and mixing). Tests and sweeps build their own configs; no module globals are read.
+Path choices are cached per (shape, config), and so are the state path's plans.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, dim_tiles
+from mhla_core.ops.noncausal.state_config import StateConfig, default_state_config
 
 PATHS = ("auto", "parallel", "state")
 
@@ -28,21 +31,31 @@ class NoncausalConfig:
     """Settings of the non-causal Triton op.
 
     path: "auto" (cost model), "parallel" or "state" (the block-state kernels, which pick their
-    direct variant themselves). The cost constants are effective rates measured on an H200.
+    direct variant themselves unless `state.variant` forces one). The cost constants are effective
+    rates measured on an H200.
+    parallel: tiles and launch settings of the parallel path (`ParallelTiles`).
+    state: settings of the block-state path (`StateConfig`: launch tiles, Dv tiling, the direct
+        variant's limits and cost model, mixing implementation and precision, a forced variant).
+    Both default to the GPU values, or to small tiles under the Triton interpreter.
     """
 
     path: str = "auto"
     parallel: ParallelTiles = field(default_factory=default_tiles)
+    state: StateConfig = field(default_factory=default_state_config)
     par_flops_scalar: float = 380e12
     par_flops_mixed: float = 100e12
     par_launch: float = 8e-6
     state_bw: float = 1.2e12
     state_launch: float = 30e-6
     parallel_max_tokens: int = 16384
+    # the parallel kernels' tiles are sized for head dims up to 128 (fp32 at 256 overflows shared memory)
+    parallel_max_head_dim: int = 128
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if not isinstance(self.state, StateConfig):
+            raise ValueError(f"state must be a StateConfig, got {type(self.state).__name__}")
 
 
 DEFAULT_CONFIG = NoncausalConfig()
@@ -69,11 +82,11 @@ def choose_path(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: int, cf
     """"parallel" or "state" for one call shape."""
     if cfg.path != "auto":
         return cfg.path
-    if N > cfg.parallel_max_tokens:
+    if N > cfg.parallel_max_tokens or max(DK, DV) > cfg.parallel_max_head_dim:
         return "state"
     par = parallel_cost(B * H, N, L, DK, DV, cfg)
     state = state_cost(B * H, N, L, DK, DV, esize, cfg)
     return "parallel" if par <= state else "state"
 
 
-__all__ = ["NoncausalConfig", "DEFAULT_CONFIG", "PATHS", "choose_path", "parallel_cost", "state_cost"]
+__all__ = ["NoncausalConfig", "StateConfig", "DEFAULT_CONFIG", "PATHS", "choose_path", "parallel_cost", "state_cost"]

@@ -23,27 +23,32 @@ reading a saved o and more accurate than a rounded one):
     dk_t = dS_j v_t + dz_j                     dv_t = dS_j^T k_t
 
 For positive q, k the two terms of dq nearly cancel, so for half inputs the products with S~ in the
-backward (num and dq) take fp32 operands (tf32 dots, BWD_TF32_HALF); the rest uses input-dtype operands.
+backward (num and dq) take fp32 operands (tf32 dots, `StateConfig.bwd_tf32_half`); the rest uses input-dtype
+operands.
 
 Two paths:
   * "state" (any size): kernel `_state` writes X, `_mix` forms X~ (in place when one program column
     covers all M rows), `_out` writes o. Backward recomputes X and X~, `_bwd_q` writes dX~ (in place
     over X~) and dq, `_dw` reduces dW, `_mix` forms dX = W^T dX~ in place, `_bwd_kv` writes dk, dv.
     Three launches forward, six backward.
-  * "direct" (small M, L <= 64, head dims <= 128): each query-block program forms S~_i = sum_j W[i,j] S_j
-    from k, v itself, so the forward is one launch and no state touches HBM; the backward is two
-    launches (`_bwd_q` direct, then `_bwd_kv` direct, which also forms dX_j = sum_i W[i,j] dX~_i and
-    column j of dW). Work grows like M^2 L D^2, hence the size limits.
+  * "direct" (small M, L and head dims: `StateConfig.direct_max_*`): each query-block program forms
+    S~_i = sum_j W[i,j] S_j from k, v itself, so the forward is one launch and no state touches HBM;
+    the backward is two launches (`_bwd_q` direct, then `_bwd_kv` direct, which also forms
+    dX_j = sum_i W[i,j] dX~_i and column j of dW). Work grows like M^2 L D^2, hence the size limits.
 
 Dot operands are the input dtype (fp32 states are cast for half inputs) unless said otherwise,
-accumulation is fp32; fp32 inputs use exact fp32 dots; the mixing GEMMs of half inputs use tf32.
+accumulation is fp32; fp32 inputs use exact fp32 dots; the mixing GEMMs of half inputs use tf32 (by default).
 Head dims need not be powers of two (masked loads); Dv is tiled by BLOCK_DV and program 0 of a
 block does the cross-tile work (dq, dk) when there are several tiles.
+
+Every setting (launch tiles, warps and stages, Dv tiling, the direct variant's limits and cost model, the
+mixing implementation and precision, a forced variant) is a field of the frozen `StateConfig`
+(state_config.py), which `triton_ops` passes from `NoncausalConfig.state` to `forward` / `backward`;
+`make_plan` caches one `Plan` per (shapes, dtype, L, M, norm, config). There are no module-level knobs.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -51,53 +56,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Launch parameters (the GPU sweep may change them). Block sizes are clipped to the problem size.
-LAUNCH: dict[str, dict[str, int]] = {
-    "state": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
-    "out": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
-    "bwd_q": {"BLOCK_T": 32, "num_warps": 8, "num_stages": 2},
-    "bwd_kv": {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
-    "direct": {"num_warps": 4, "num_stages": 2},  # head dims <= 64
-    "direct_large": {"num_warps": 8, "num_stages": 2},
-    # one row tile (in place) up to M = BLOCK_I blocks, BLOCK_I_LARGE row tiles beyond
-    "mix": {"BLOCK_I": 256, "BLOCK_I_LARGE": 128, "BLOCK_J": 32, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3},
-    "dw": {"BLOCK_I": 128, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3, "min_programs": 512},
-}
-# Largest Dv tile (half / fp32 inputs); Dv above it is split over programs.
-MAX_BLOCK_DV = 128
-MAX_BLOCK_DV_FP32 = 64
-# Largest token tile for fp32 inputs (exact fp32 dots keep their operands in registers).
-FP32_BLOCK_T = 16
-# The direct path is allowed when M <= DIRECT_MAX_M, L <= DIRECT_MAX_L and Dk, Dv <= DIRECT_MAX_D, and
-# chosen when the cost model (_direct_is_cheaper: effective FLOP/s, bandwidth, launch cost) says so.
-DIRECT_MAX_M = 32
-DIRECT_MAX_L = 64
-DIRECT_MAX_D = 128
-COST_FLOPS = 400e12  # effective tensor-core FLOP/s of the small dots
-COST_BW = 3.0e12  # effective HBM bytes/s
-COST_LAUNCH = 5e-6  # seconds per extra launch
-# tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee" or "bf16").
-MIX_PREC_HALF = "tf32"
-# How the block mixing runs: "triton" (the _mix_kernel below, in place) or "matmul" (a broadcast cuBLAS
-# batched GEMM). Measured on an H200 (docs/kernels.md): "matmul" was slower at the Wan shape (fwd 0.85 vs
-# 0.52 ms) and faster only at 126K tokens (fwd+bwd 11.7 vs 13.0 ms), with one more state buffer.
-MIX_IMPL = "triton"
-# Half inputs: the backward's products with S~ (numerator recompute, dq) use tf32 instead of bf16/fp16.
-BWD_TF32_HALF = True
-# Force a path ("state" or "direct") whatever the sizes; None = choose by size. For tests and sweeps.
-FORCE_PATH: str | None = None
-
-if INTERPRET:  # small blocks keep the interpreter fast
-    LAUNCH.update(
-        state={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
-        out={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
-        bwd_q={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
-        bwd_kv={"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
-        mix={"BLOCK_I": 256, "BLOCK_I_LARGE": 16, "BLOCK_J": 16, "BLOCK_C": 256, "num_warps": 4, "num_stages": 1},
-        dw={"BLOCK_I": 128, "BLOCK_C": 256, "num_warps": 4, "num_stages": 1, "min_programs": 1},
-    )
+from mhla_core.ops.noncausal.state_config import INTERPRET, StateConfig
 
 NORM_NONE, NORM_EXACT, NORM_REFERENCE = 0, 1, 2
 
@@ -661,72 +620,81 @@ class Plan:
     mix_bf16: bool
     hp: bool  # fp32 (tf32) operands for the S~ products of the backward
     sf32: bool  # fp16 inputs: fp32 (tf32) operands for every product with a state
+    config: StateConfig  # the launch settings the launchers read
 
     def token_block(self, name: str) -> int:
-        """BLOCK_T of a token kernel: the whole block on the direct path."""
+        """BLOCK_T of token kernel `name` ("state", "out", "bwd_q", "bwd_kv"): the whole block on the
+        direct path."""
         if self.direct:
             return _pow2(self.L)
-        bt = LAUNCH[name]["BLOCK_T"]
+        bt = getattr(self.config, f"{name}_kernel").block_t
         if self.fp32:
-            bt = min(bt, FP32_BLOCK_T)
+            bt = min(bt, self.config.fp32_block_t)
         if self.block_dk > 128:
             bt = min(bt, 32)
         return min(bt, _pow2(self.L))
 
     def launch(self, name: str) -> dict[str, int]:
-        """num_warps / num_stages of a token kernel."""
+        """num_warps / num_stages of token kernel `name` (its direct variant's on the direct path)."""
         if self.direct:
-            name = "direct" if self.block_dk * self.block_dv <= 64 * 64 else "direct_large"
-        return {"num_warps": LAUNCH[name]["num_warps"], "num_stages": LAUNCH[name]["num_stages"]}
+            small = self.block_dk * self.block_dv <= 64 * 64
+            cfg = self.config.direct_kernel if small else self.config.direct_kernel_large
+        else:
+            cfg = getattr(self.config, f"{name}_kernel")
+        return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 _PLANS: dict[tuple, Plan] = {}
 
 
-def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int) -> Plan:
+def make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int, cfg: StateConfig) -> Plan:
     """Choose the path and the tile sizes for q [B, N, H, Dk], v [B, N, H, Dv] and M blocks of L tokens
-    (M L = N, or more when a grid layout pads the blocks)."""
-    key = (q.shape, v.shape[-1], q.dtype, L, M, norm, MAX_BLOCK_DV, MAX_BLOCK_DV_FP32, DIRECT_MAX_M,
-           DIRECT_MAX_L, DIRECT_MAX_D, COST_FLOPS, COST_BW, COST_LAUNCH, MIX_PREC_HALF, BWD_TF32_HALF, FORCE_PATH)
+    (M L = N, or more when a grid layout pads the blocks) under the settings `cfg`."""
+    key = (q.shape, v.shape[-1], q.dtype, L, M, norm, cfg)
     plan = _PLANS.get(key)
     if plan is None:
+        if not isinstance(cfg, StateConfig):
+            raise ValueError(f"cfg must be a StateConfig, got {type(cfg).__name__}")
         if len(_PLANS) > 1024:
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(q, v, L, M, norm)
+        plan = _PLANS[key] = _make_plan(q, v, L, M, norm, cfg)
     return plan
 
 
-def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int) -> Plan:
+def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int, cfg: StateConfig) -> Plan:
     B, _, H, DK = q.shape
     DV = v.shape[-1]
     fp32 = q.dtype == torch.float32
     block_dk = _pow2(DK)
-    block_dv = min(_pow2(DV), max(16, MAX_BLOCK_DV_FP32 if fp32 else MAX_BLOCK_DV))
+    block_dv = min(_pow2(DV), max(16, cfg.max_block_dv_fp32 if fp32 else cfg.max_block_dv))
     n_dv = _cdiv(DV, block_dv)
-    direct = (
-        M <= DIRECT_MAX_M and L <= DIRECT_MAX_L and max(DK, DV) <= DIRECT_MAX_D and n_dv == 1
-        and _direct_is_cheaper(B * H, M, L, block_dk, block_dv, q.element_size())
-    )
-    if FORCE_PATH is not None:
-        direct = FORCE_PATH == "direct" and L <= 128 and n_dv == 1
+    if cfg.variant == "auto":
+        direct = (
+            M <= cfg.direct_max_m and L <= cfg.direct_max_l and max(DK, DV) <= cfg.direct_max_d and n_dv == 1
+            and _direct_is_cheaper(B * H, M, L, block_dk, block_dv, q.element_size(), cfg)
+        )
+    else:
+        direct = cfg.variant == "direct" and L <= 128 and n_dv == 1
     C = DK * DV + (DK if norm > 0 else 0) + (L if norm == NORM_REFERENCE else 0)
-    mix = "ieee" if fp32 else MIX_PREC_HALF
+    mix = "ieee" if fp32 else cfg.mix_prec_half
     return Plan(
         B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, _cdiv(C, 32) * 32,
         prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
-        hp=not fp32 and (BWD_TF32_HALF or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
+        hp=not fp32 and (cfg.bwd_tf32_half or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
+        config=cfg,
     )
 
 
-def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int) -> bool:
+def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int, cfg: StateConfig) -> bool:
     """Forward cost model: the direct path does M + 1 token products and moves q, k, v, o once;
     the state path does 2 plus the mixing GEMM, moves the states three times and launches twice more."""
     tok = 2.0 * BH * M * L * dk * dv  # one token product, padded head dims
     tokens = BH * M * L * (2 * dk + 2 * dv) * esize
     states = BH * M * (dk * dv + dk) * 4.0
-    direct = (M + 1) * tok * _pow2(L) / L / COST_FLOPS + tokens / COST_BW  # whole block = one tile
-    state = 2 * tok / COST_FLOPS + 2.0 * M * states / COST_FLOPS + (tokens + 3 * states) / COST_BW
-    return direct < state + 2 * COST_LAUNCH
+    flops, bw = cfg.cost_flops, cfg.cost_bw
+    direct = (M + 1) * tok * _pow2(L) / L / flops + tokens / bw  # whole block = one tile
+    state = 2 * tok / flops + 2.0 * M * states / flops + (tokens + 3 * states) / bw
+    return direct < state + 2 * cfg.cost_launch
 
 
 def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -738,14 +706,14 @@ def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (MIX_IMPL)."""
-    if MIX_IMPL == "matmul":
+    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`)."""
+    if p.config.mix_impl == "matmul":
         return _mix_matmul(p, w3, x, trans)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok)
 
 
 def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
-    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with MIX_PREC_HALF="bf16").
+    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"`).
 
     Columns past p.row (row padding) are multiplied too; each output column depends only on the same
     input column, so whatever they hold never reaches the used columns.
@@ -764,18 +732,18 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
 
 def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
     """The mixing as a Triton kernel; in place when one program covers all M rows."""
-    cfg = LAUNCH["mix"]
-    bi = _pow2(p.M) if p.M <= cfg["BLOCK_I"] else cfg["BLOCK_I_LARGE"]
+    cfg = p.config.mix_kernel
+    bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
     n_i = _cdiv(p.M, bi)
     inplace = inplace_ok and n_i == 1
     y = x if inplace else torch.empty_like(x)
-    bc = min(cfg["BLOCK_C"], _pow2(p.row))
+    bc = min(cfg.block_c, _pow2(p.row))
     _launch(
         _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),
         (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
-        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg["BLOCK_J"], _pow2(p.M)), BLOCK_C=bc,
+        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg.block_j, _pow2(p.M)), BLOCK_C=bc,
              PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
-        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     return y
 
@@ -799,14 +767,14 @@ def _states(p: Plan, q, k, v, scale: float, rowmap=None) -> torch.Tensor:
     return x
 
 
-def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, rowmap=None) -> torch.Tensor:
-    """o [B, N, H, Dv] in v.dtype; q, k, v share one dtype and have unit last-dim stride.
+def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateConfig, rowmap=None) -> torch.Tensor:
+    """o [B, N, H, Dv] in v.dtype; q, k, v share one dtype and have unit last-dim stride; `cfg` the settings.
 
     rowmap: None for block-major tokens, else the int32 [M * L] row-major grid index of each
     block-major position (-1 for padding, `BlockLayout.token_index`): tokens stay in grid order.
     """
     w3, sw_h = _mixing3(w)
-    p = make_plan(q, v, L, w3.shape[-1], norm)
+    p = make_plan(q, v, L, w3.shape[-1], norm, cfg)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if p.direct:
         x = w3  # unused: each program forms its S~_i
@@ -827,12 +795,12 @@ def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, rowmap=None
 
 def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW [H, M, M] fp32 = sum over b of dX~ X^T, from partial sums over column splits."""
-    cfg = LAUNCH["dw"]
-    bi = min(_pow2(p.M), max(16, cfg["BLOCK_I"]))
+    cfg = p.config.dw_kernel
+    bi = min(_pow2(p.M), max(16, cfg.block_i))
     n_t = _cdiv(p.M, bi)
-    bc = min(cfg["BLOCK_C"], _pow2(p.row))
+    bc = min(cfg.block_c, _pow2(p.row))
     n_col = _cdiv(p.row, bc)
-    n_split = max(1, min(n_col, _cdiv(cfg["min_programs"], p.B * p.H * n_t * n_t)))
+    n_split = max(1, min(n_col, _cdiv(cfg.min_programs, p.B * p.H * n_t * n_t)))
     cols = _cdiv(n_col, n_split) * bc
     n_split = _cdiv(p.row, cols)
     part = torch.empty((p.B * p.H * n_split, p.M, p.M), dtype=torch.float32, device=x.device)
@@ -840,19 +808,20 @@ def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _dw_kernel, (n_t * n_t, n_split, p.B * p.H),
         (dxt, x, part, p.M, p.row, p.row_stride, cols, n_split, n_t),
         dict(BLOCK_I=bi, BLOCK_C=bc, PREC=p.mix_prec, AS_BF16=p.mix_bf16),
-        {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     return part.view(p.B, p.H, n_split, p.M, p.M).sum(dim=(0, 2))
 
 
-def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, need_dw: bool = True, rowmap=None):
-    """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ...).
+def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateConfig, need_dw: bool = True,
+             rowmap=None):
+    """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ..., cfg).
 
     State path buffers ([B * H, M, RS] fp32): X (recomputed) and X~, which becomes dX~ and then
     dX in place, so at most two are alive; dk and dv are allocated after X is freed.
     """
     w3, sw_h = _mixing3(w)
-    p = make_plan(q, v, L, w3.shape[-1], norm)
+    p = make_plan(q, v, L, w3.shape[-1], norm, cfg)
     mp, gflag = _grid_args(rowmap, w3)
     BH = p.B * p.H
     grid = (p.M, p.n_dv, BH)

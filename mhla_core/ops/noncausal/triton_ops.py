@@ -67,7 +67,7 @@ def _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, sc
     unused = q_.new_zeros((B * H, n_pos), dtype=torch.float32)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros(v.shape, dtype=out_dtype, device=v.device), unused
-    o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale, rowmap)
+    o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale, cfg.state, rowmap)
     return o.to(out_dtype), unused
 
 
@@ -84,7 +84,8 @@ def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normaliz
         dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
                                     need_dmixing, cfg.parallel, rowmap)
     else:
-        dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, need_dmixing, rowmap)
+        dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, cfg.state, need_dmixing,
+                                    rowmap)
     dw = torch.zeros_like(mixing) if dw is None else dw.reshape(mixing.shape).to(mixing.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw
 
@@ -205,9 +206,10 @@ def mhla_triton(
 ) -> torch.Tensor:
     """Non-causal MHLA with the Triton kernels; same arguments and result as `mhla_naive`.
 
-    `config` sets the path and the parallel path's tiles (default `DEFAULT_CONFIG`); under
-    torch.compile only its `path` is honoured. `rowmap` (a grid layout's `BlockLayout.token_index`
-    on the inputs' device) lets q, k, v and the output stay in row-major grid order.
+    `config` sets the path and both paths' settings (`parallel`, `state`; default `DEFAULT_CONFIG`);
+    under torch.compile only its `path` is honoured (with the default settings). `rowmap` (a grid
+    layout's `BlockLayout.token_index` on the inputs' device) lets q, k, v and the output stay in
+    row-major grid order.
     """
     cfg = DEFAULT_CONFIG if config is None else config
     if not isinstance(cfg, NoncausalConfig):

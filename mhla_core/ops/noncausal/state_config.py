@@ -1,0 +1,194 @@
+"""Settings of the non-causal block-state path (`triton_kernels.py`): one frozen, hashable `StateConfig`.
+
+`NoncausalConfig.state` carries it to `triton_kernels.forward` / `backward`, whose `make_plan` caches a
+`Plan` per (shapes, dtype, L, M, norm, config). Tests and sweeps build their own configs
+(`dataclasses.replace(default_state_config(), ...)`); nothing reads module globals.
+
+This module imports nothing from Triton, so `plan.py` can import it; `INTERPRET` (TRITON_INTERPRET=1,
+the CPU interpreter) is defined here once and re-exported by `triton_kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+VARIANTS = ("auto", "state", "direct")
+MIX_IMPLS = ("triton", "matmul")
+MIX_PRECS = ("tf32", "tf32x3", "ieee", "bf16")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_block(owner: str, name: str, x) -> None:
+    if not _is_int(x) or x < 16 or x & (x - 1):
+        raise ValueError(f"{owner}{name} must be a power of two >= 16, got {x!r}")
+
+
+def _check_launch(owner: str, num_warps, num_stages) -> None:
+    if not _is_int(num_warps) or not 1 <= num_warps <= 32 or num_warps & (num_warps - 1):
+        raise ValueError(f"{owner}num_warps must be a power of two in 1 .. 32, got {num_warps!r}")
+    if not _is_int(num_stages) or num_stages < 1:
+        raise ValueError(f"{owner}num_stages must be an int >= 1, got {num_stages!r}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """num_warps / num_stages of a kernel without a configurable tile (the direct variants)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        _check_launch("Launch.", self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class TokenLaunch:
+    """A token kernel (`_state`, `_out`, `_bwd_q`, `_bwd_kv`): its token tile and launch settings.
+    The tile is clipped to the block size (and to `fp32_block_t` for fp32 inputs)."""
+
+    block_t: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        _check_block("TokenLaunch.", "block_t", self.block_t)
+        _check_launch("TokenLaunch.", self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class MixLaunch:
+    """The mixing kernel `_mix` (X~ = W X over blocks): one row tile, in place, up to M = block_i blocks,
+    row tiles of block_i_large blocks (out of place) beyond; block_j blocks and block_c state columns a step."""
+
+    block_i: int = 256
+    block_i_large: int = 128
+    block_j: int = 32
+    block_c: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_i", "block_i_large", "block_j", "block_c"):
+            _check_block("MixLaunch.", name, getattr(self, name))
+        _check_launch("MixLaunch.", self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class DwLaunch:
+    """The dW reduction `_dw`: block_i x block_i tiles of dW, block_c state columns a step, and columns
+    split over programs until there are at least min_programs."""
+
+    block_i: int = 128
+    block_c: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    min_programs: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("block_i", "block_c"):
+            _check_block("DwLaunch.", name, getattr(self, name))
+        _check_launch("DwLaunch.", self.num_warps, self.num_stages)
+        if not _is_int(self.min_programs) or self.min_programs < 1:
+            raise ValueError(f"DwLaunch.min_programs must be an int >= 1, got {self.min_programs!r}")
+
+
+_LAUNCH_TYPES = {
+    "state_kernel": TokenLaunch, "out_kernel": TokenLaunch, "bwd_q_kernel": TokenLaunch,
+    "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch, "direct_kernel_large": Launch,
+    "mix_kernel": MixLaunch, "dw_kernel": DwLaunch,
+}
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Settings of the block-state kernels; the defaults are the H200 values (docs/kernels.md).
+
+    variant: "auto" (direct when the limits allow it and the cost model says it is cheaper), "state"
+        (always the state kernels) or "direct" (whenever L <= 128 and Dv fits one tile, else state).
+    state_kernel, out_kernel, bwd_q_kernel, bwd_kv_kernel: token tile / warps / stages of the token
+        kernels; direct_kernel (head tiles up to 64 x 64) and direct_kernel_large: warps / stages of
+        the direct variants (whose token tile is the whole block); mix_kernel, dw_kernel: the mixing
+        GEMM and the dW reduction.
+    max_block_dv, max_block_dv_fp32: largest Dv tile for half / fp32 inputs; a larger Dv is split over
+        programs. fp32_block_t: largest token tile for fp32 inputs (exact fp32 dots keep their
+        operands in registers).
+    direct_max_m, direct_max_l, direct_max_d: the direct variant is allowed when M, L and Dk, Dv are
+        at most these; cost_flops (effective tensor-core FLOP/s of the small dots), cost_bw (effective
+        HBM bytes/s) and cost_launch (seconds per extra launch) are its forward cost model.
+    mix_prec_half: tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee",
+        or "bf16": bf16 operands). mix_impl: "triton" (the `_mix` kernel, in place) or "matmul" (a
+        broadcast cuBLAS batched GEMM; on an H200 slower at the Wan shape, fwd 0.85 vs 0.52 ms, and
+        faster only at 126K tokens, fwd+bwd 11.7 vs 13.0 ms, with one more state buffer).
+    bwd_tf32_half: half inputs: the backward's products with S~ (numerator recompute, dq) use tf32
+        operands instead of bf16 / fp16.
+    """
+
+    variant: str = "auto"
+    state_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
+    out_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
+    bwd_q_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(32, 8, 2))
+    bwd_kv_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
+    direct_kernel: Launch = field(default_factory=lambda: Launch(4, 2))
+    direct_kernel_large: Launch = field(default_factory=lambda: Launch(8, 2))
+    mix_kernel: MixLaunch = field(default_factory=MixLaunch)
+    dw_kernel: DwLaunch = field(default_factory=DwLaunch)
+    max_block_dv: int = 128
+    max_block_dv_fp32: int = 64
+    fp32_block_t: int = 16
+    direct_max_m: int = 32
+    direct_max_l: int = 64
+    direct_max_d: int = 128
+    cost_flops: float = 400e12
+    cost_bw: float = 3.0e12
+    cost_launch: float = 5e-6
+    mix_prec_half: str = "tf32"
+    mix_impl: str = "triton"
+    bwd_tf32_half: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"StateConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.mix_impl not in MIX_IMPLS:
+            raise ValueError(f"StateConfig.mix_impl must be one of {MIX_IMPLS}, got {self.mix_impl!r}")
+        if self.mix_prec_half not in MIX_PRECS:
+            raise ValueError(f"StateConfig.mix_prec_half must be one of {MIX_PRECS}, got {self.mix_prec_half!r}")
+        for name, kind in _LAUNCH_TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"StateConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        for name in ("max_block_dv", "max_block_dv_fp32", "fp32_block_t"):
+            _check_block("StateConfig.", name, getattr(self, name))
+        for name in ("direct_max_m", "direct_max_l", "direct_max_d"):
+            x = getattr(self, name)
+            if not _is_int(x) or x < 1:
+                raise ValueError(f"StateConfig.{name} must be an int >= 1, got {x!r}")
+        for name in ("cost_flops", "cost_bw", "cost_launch"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
+                raise ValueError(f"StateConfig.{name} must be a finite number > 0, got {x!r}")
+        if not isinstance(self.bwd_tf32_half, bool):
+            raise ValueError(f"StateConfig.bwd_tf32_half must be a bool, got {self.bwd_tf32_half!r}")
+
+
+# small tiles keep the interpreter fast (CPU tests); everything else as on the GPU
+_SMALL = TokenLaunch(16, 4, 1)
+INTERPRET_STATE_CONFIG = StateConfig(
+    state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_kv_kernel=_SMALL,
+    mix_kernel=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
+    dw_kernel=DwLaunch(block_i=128, block_c=256, num_warps=4, num_stages=1, min_programs=1),
+)
+
+
+def default_state_config() -> StateConfig:
+    """The GPU defaults; small tiles under the Triton interpreter (CPU tests)."""
+    return INTERPRET_STATE_CONFIG if INTERPRET else StateConfig()
+
+
+__all__ = ["StateConfig", "TokenLaunch", "Launch", "MixLaunch", "DwLaunch", "default_state_config",
+           "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS"]
