@@ -20,7 +20,9 @@ Backward (o and r are saved; delta_t = dO_t . o_t):
     dv_u = sum_t a_tu r_t dO_t   dW[i, j] = sum_b sum_{t in i, u in j} dA_tu s_tu
 
 The reference normaliser adds c_t = -r_t delta_t = dL/dden_t: dp~ = c, dW += c p^T, dp = W^T c,
-dq_{j,w} += s dp_{j,w} z_j, dk_u += s sum_w dp_{j,w} q_{j,w}; these O(N D) terms run in PyTorch.
+dq_{j,w} += s dp_{j,w} z_j, dk_u += s sum_w dp_{j,w} q_{j,w}. These O(N D) terms run in two small
+kernels (`_ref_sums`: z and p; `_ref_grad`: dp, the dq and dk terms, dW += c p^T); the forward forms
+p~ = W p itself, per query tile.
 
 Kernels: `_par_fwd` (o, r), `_par_dq` (delta, dq), `_par_dkdv` (dk, dv and per-(b, h) dW
 partials, block-summed by one-hot products and added atomically). Head dims that are not a power of
@@ -111,6 +113,24 @@ def _positions(map_ptr, p0, end, BT: tl.constexpr, GRID: tl.constexpr):
 
 
 @_device_fn
+def _mixed_positions(wb, x_ptr, offs, m, L, M, TRANS: tl.constexpr, JB: tl.constexpr):
+    """[len(offs)] fp32: sum_j W[i, j] x[j L + w] for the positions offs = i L + w of one (b, h)
+    (W^T with TRANS: sum_j W[j, i] x[j L + w]); x_ptr points at that (b, h)'s M L values."""
+    i = offs // L
+    w = offs % L
+    acc = offs.to(tl.float32) * 0.0
+    for j0 in range(0, M, JB):
+        cj = j0 + tl.arange(0, JB)
+        mm = m[:, None] & (cj[None, :] < M)
+        if TRANS:
+            wt = tl.load(wb + cj[None, :] * M + i[:, None], mask=mm, other=0.0)
+        else:
+            wt = tl.load(wb + i[:, None] * M + cj[None, :], mask=mm, other=0.0)
+        acc += tl.sum(wt * tl.load(x_ptr + cj[None, :] * L + w[:, None], mask=mm, other=0.0), axis=1)
+    return acc
+
+
+@_device_fn
 def _head_program(H):
     """(tile index, b * H + h, b, h) of this program; b and h as int64 for the pointer offsets."""
     bh = tl.program_id(1)
@@ -159,16 +179,17 @@ def _scores(a1, a2, b1, b2, PREC: tl.constexpr, HAS2: tl.constexpr):
 
 @triton.jit
 def _par_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, den_ptr, o_ptr, r_ptr, map_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, p_ptr, o_ptr, r_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sw_h, H, N, L, M, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
-    GRID: tl.constexpr,
+    GRID: tl.constexpr, JB: tl.constexpr,
 ):
-    """o and r of one query tile (program 0) of one (b, h) (program 1); N = M L block-major positions."""
+    """o and r of one query tile (program 0) of one (b, h) (program 1); N = M L block-major positions.
+    For the reference normaliser p_ptr holds p [B * H, N] of `_ref_sums`; p~ = W p is formed here."""
     pq, bh, b, h = _head_program(H)
     qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
@@ -195,7 +216,8 @@ def _par_fwd_kernel(
     if NORM == 1:
         r = 1.0 / (den + eps)
     elif NORM == 2:
-        r = 1.0 / tl.load(den_ptr + bh.to(tl.int64) * N + offs_q, mask=mq, other=1.0)
+        pb = p_ptr + bh.to(tl.int64) * N
+        r = 1.0 / (_mixed_positions(wb, pb, offs_q, offs_q < N, L, M, False, JB) + eps)
     else:
         r = tl.full([BQ], 1.0, tl.float32)
     ob = o_ptr + b * so_b + h * so_h
@@ -364,13 +386,17 @@ def _ref_sums_kernel(
 
 @triton.jit
 def _ref_grad_kernel(
-    q_ptr, map_ptr, z_ptr, dp_ptr, dq_ptr, dk_ptr,
-    sq_b, sq_t, sq_h, sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, H, N, L, M, scale,
-    DK: tl.constexpr, BDK: tl.constexpr, BT: tl.constexpr, GRID: tl.constexpr,
+    q_ptr, map_ptr, z_ptr, p_ptr, c_ptr, w_ptr, dq_ptr, dk_ptr, dw_ptr,
+    sq_b, sq_t, sq_h, sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sw_h, H, N, L, M, scale,
+    DK: tl.constexpr, BDK: tl.constexpr, BT: tl.constexpr, GRID: tl.constexpr, JB: tl.constexpr,
+    NEED_DW: tl.constexpr,
 ):
-    """Adds the reference normaliser's terms of block j in place: dq_{j,w} += s dp_{j,w} z_j and
-    dk_u += s sum_w dp_{j,w} q_{j,w} for the keys u of block j."""
+    """The reference normaliser's gradient terms of block j, from c = dL/dp~ [B * H, N]:
+    dp_j = (W^T c)_j, dq_{j,w} += s dp_{j,w} z_j and dk_u += s sum_w dp_{j,w} q_{j,w} in place, and
+    dW[i, j] += sum_w c_{i,w} p_{j,w} into this (b, h)'s partial sums (column j: this program's alone)."""
     j, bh, b, h = _head_program(H)
+    wb = w_ptr + h * sw_h
+    cb = c_ptr + bh.to(tl.int64) * N
     qb = q_ptr + b * sq_b + h * sq_h
     dqb = dq_ptr + b * sdq_b + h * sdq_h
     dkb = dk_ptr + b * sdk_b + h * sdk_h
@@ -380,7 +406,17 @@ def _ref_grad_kernel(
     dz = tl.zeros([BDK], dtype=tl.float32)
     for t0 in range(0, L, BT):
         offs, rows, m = _positions(map_ptr, start + t0, start + L, BT, GRID)
-        dp = tl.load(dp_ptr + bh.to(tl.int64) * N + offs, mask=m, other=0.0)
+        inb = offs < start + L
+        dp = _mixed_positions(wb, cb, offs, inb, L, M, True, JB)
+        if NEED_DW:  # dW[i, j] += sum_w c_{i,w} p_{j,w} for every i, JB blocks at a time
+            pw = tl.load(p_ptr + bh.to(tl.int64) * N + offs, mask=inb, other=0.0)
+            for i0 in range(0, M, JB):
+                ci = i0 + tl.arange(0, JB)
+                mm = inb[:, None] & (ci[None, :] < M)
+                cw = tl.load(cb + ci[None, :] * L + (offs % L)[:, None], mask=mm, other=0.0)
+                dwp = dw_ptr + (bh * M + ci).to(tl.int64) * M + j
+                tl.store(dwp, tl.load(dwp, mask=ci < M, other=0.0) + tl.sum(cw * pw[:, None], axis=0),
+                         mask=ci < M)
         dz += tl.sum(_rows(qb, rows, m, sq_t, 0, BDK, DK).to(tl.float32) * dp[:, None], axis=0)
         dqt = _rows(dqb, rows, m, sdq_t, 0, BDK, DK).to(tl.float32) + (scale * dp)[:, None] * z[None, :]
         _store_rows(dqb, rows, m, sdq_t, dqt, 0, BDK, DK)
@@ -511,15 +547,20 @@ def _grid_args(rowmap: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tens
     return rowmap, rowmap.numel(), True
 
 
+def _mix_chunk(M: int) -> int:
+    """Blocks per step of the in-kernel mixing of per-position terms (`_mixed_positions`)."""
+    return min(64, _pow2(M))
+
+
 def _ref_launch(q, rowmap, L: int, M: int) -> dict:
     DK = q.shape[-1]
     return dict(DK=DK, BDK=_pow2(DK), BT=min(64, _pow2(L)), GRID=rowmap is not None,
                 num_warps=4, num_stages=1)
 
 
-def reference_denominator(q, k, w3, L: int, scale: float, eps: float, rowmap=None):
-    """(den [B * H, N] = p~ + eps, p [B, H, M, L], z [B * H, M, Dk]) of the reference normaliser, fp32;
-    N = M L block-major positions (padding included)."""
+def reference_sums(q, k, L: int, scale: float, rowmap=None):
+    """(p [B * H, N], z [B * H, M, Dk]) of the reference normaliser, fp32: z_j the key sum of block j,
+    p_{j,w} = s q_{j,w} . z_j; N = M L block-major positions (padding included)."""
     B, _, H, DK = q.shape
     mp, N, _ = _grid_args(rowmap, q)
     M = N // L
@@ -527,9 +568,7 @@ def reference_denominator(q, k, w3, L: int, scale: float, eps: float, rowmap=Non
     p = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     _ref_sums_kernel[(M, B * H)](q, k, mp, z, p, *_strides(q), *_strides(k), H, N, L, M, scale,
                                  **_ref_launch(q, rowmap, L, M))
-    p = p.view(B, H, M, L)
-    pt = torch.matmul(w3, p)  # [Hw, M, M] @ [B, H, M, L]
-    return (pt + eps).reshape(B * H, N), p, z
+    return p, z
 
 
 def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
@@ -544,12 +583,12 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
     M = N // L
     o = torch.empty_like(v)
     r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
-    den = reference_denominator(q, k, w3, L, scale, eps, rowmap)[0] if norm == 2 else r
+    p = reference_sums(q, k, L, scale, rowmap)[0] if norm == 2 else r
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.fwd_bq, tiles.fwd_bk, N, L)
     _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
-        q, k, v, w3, den, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        q, k, v, w3, p, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         sw_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
-        **_precisions(q.dtype), GRID=grid, num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+        **_precisions(q.dtype), GRID=grid, JB=_mix_chunk(M), num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
     )
     return o, r
 
@@ -585,24 +624,22 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
         NEED_DW=need_dw, GRID=grid,
         num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
     )
-    dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None
     if norm == 2:
-        dw = _reference_terms(q, k, w3, r, delta, dq, dk, dw, L, scale, eps, rowmap)
+        _reference_terms(q, k, w3, sw_h, r, delta, dq, dk, dwp, need_dw, L, scale, rowmap)
+    dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None
     if dw is not None and sw_h == 0:
         dw = dw.sum(dim=0, keepdim=True)
     return dq, dk, dv, dw
 
 
-def _reference_terms(q, k, w3, r, delta, dq, dk, dw, L, scale, eps, rowmap):
-    """Add the reference normaliser's gradient through p~ = W p to dq, dk (in place) and dW."""
+def _reference_terms(q, k, w3, sw_h, r, delta, dq, dk, dwp, need_dw, L, scale, rowmap):
+    """Add the reference normaliser's gradient through p~ = W p to dq, dk (in place) and the per-(b, h)
+    dW partials dwp (in place)."""
     B, _, H, _ = q.shape
     mp, N, _ = _grid_args(rowmap, q)
     M = N // L
-    _, p, z = reference_denominator(q, k, w3, L, scale, eps, rowmap)
-    c = (-(delta * r)).view(B, H, M, L)  # dL/dp~
-    dp = torch.matmul(w3.transpose(-1, -2), c).contiguous()  # [B, H, M, L]
-    if dw is not None:
-        dw = dw + torch.einsum("bhil,bhjl->hij", c, p)
-    _ref_grad_kernel[(M, B * H)](q, mp, z, dp, dq, dk, *_strides(q), *_strides(dq), *_strides(dk),
-                                 H, N, L, M, scale, **_ref_launch(q, rowmap, L, M))
-    return dw
+    p, z = reference_sums(q, k, L, scale, rowmap)
+    c = -(delta * r)  # dL/dp~, [B * H, N]
+    _ref_grad_kernel[(M, B * H)](q, mp, z, p, c, w3, dq, dk, dwp, *_strides(q), *_strides(dq), *_strides(dk),
+                                 sw_h, H, N, L, M, scale, JB=_mix_chunk(M), NEED_DW=need_dw,
+                                 **_ref_launch(q, rowmap, L, M))
