@@ -1,11 +1,13 @@
 """Time grid-order MHLA (`mhla(..., layout=)`) against the block-order copies it replaces.
 
     python scripts/bench_layout.py [--markdown docs/benchmarks.md] [--only DeiT-T]
+    python scripts/bench_layout.py --only "DiT-XL/2 256" --variants default s1 s3 w8 t32 q128
 
 At the token grids of the paper's models, q, k, v are strided views of one qkv projection output
 in row-major grid order, as in `mhla_core.MHLA`. "grid order" passes them with `layout=`; "to_blocks
 copies" is what the layer did before: `BlockLayout.to_blocks` on q, k, v, the op on block-major
-tokens, `from_blocks` on the output. Both use the op's default path. bf16 on CUDA, fwd and fwd+bwd,
+tokens, `from_blocks` on the output. Both use the op's default path; `--variants` adds grid-order rows
+with other parallel-path tiles (names in VARIANTS). bf16 on CUDA, fwd and fwd+bwd,
 `triton.testing.do_bench` medians and the summed GPU kernel time of one fwd+bwd (torch.profiler).
 """
 
@@ -20,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mhla_core import BlockLayout, mhla  # noqa: E402
+from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
+from mhla_core.ops.noncausal.parallel import ParallelTiles  # noqa: E402
 from scripts.bench_timing import gpu_kernel_ms  # noqa: E402
 from scripts.doc_sections import merge_subsections, read_marked_section, write_marked_section  # noqa: E402
 
@@ -32,6 +35,17 @@ SHAPES = [
     ("DiT-XL/2 512", 16, 16, 72, (32, 32), (8, 8), True, "reference"),
     ("Wan 480p 81 frames", 1, 12, 128, (21, 30, 50), (3, 5, 10), False, "exact"),
 ]
+
+
+VARIANTS = {  # parallel-path tiles: (bq, bk, warps, stages) for all three kernels
+    "default": (64, 64, 4, 2), "s1": (64, 64, 4, 1), "s3": (64, 64, 4, 3), "w8": (64, 64, 8, 2),
+    "t32": (32, 32, 4, 2), "q128": (128, 64, 8, 2),
+}
+
+
+def _tiles(name: str) -> NoncausalConfig:
+    t = VARIANTS[name]
+    return NoncausalConfig(path="parallel", parallel=ParallelTiles(*t, *t, *t))
 
 
 def _inputs(B, H, D, layout, device, dtype):
@@ -62,7 +76,7 @@ def _copies(q, k, v, W, layout: BlockLayout, kw: dict) -> torch.Tensor:
     return layout.from_blocks(mhla(qb, kb, vb, W, block_size=layout.block_size, **kw))
 
 
-def rows(shapes, device, dtype) -> list[dict]:
+def rows(shapes, device, dtype, variants=()) -> list[dict]:
     from triton.testing import do_bench
 
     def timer(fn):
@@ -76,7 +90,10 @@ def rows(shapes, device, dtype) -> list[dict]:
         grid_order = partial(_grid_order, q, k, v, W, layout, kw)
         copies = partial(_copies, q, k, v, W, layout, kw)
         err = ((grid_order().float() - copies().float()).norm() / copies().float().norm()).item()
-        for impl, fn in (("to_blocks copies (before)", copies), ("grid order (layout=)", grid_order)):
+        impls = [("to_blocks copies (before)", copies), ("grid order (layout=)", grid_order)]
+        impls += [(f"grid order, parallel tiles {vname} {VARIANTS[vname]}",
+                   partial(_grid_order, q, k, v, W, layout, dict(kw, config=_tiles(vname)))) for vname in variants]
+        for impl, fn in impls:
             f, fb, gpu = _time(fn, [qkv, W], timer)
             out.append(dict(shape=f"{name} (B={B}, H={H}, D={D}, grid {grid}, blocks {blocks})", impl=impl,
                             fwd=f, fwdbwd=fb, gpu=gpu, err=err))
@@ -100,6 +117,8 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", default=None, help="merge the table into this file's bench_ops section")
     ap.add_argument("--only", default=None, help="shapes whose name starts with this")
+    ap.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                    help="extra grid-order rows with these parallel-path tiles")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_layout.py needs CUDA")
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> str:
     import triton
 
     env = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
-    body = table(rows(shapes, torch.device("cuda"), torch.bfloat16))
+    body = table(rows(shapes, torch.device("cuda"), torch.bfloat16, args.variants))
     import datetime
 
     text = (f"### Grid-order inputs against block-order copies\n\nMeasured with `python scripts/bench_layout.py` on "

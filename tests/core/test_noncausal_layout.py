@@ -79,6 +79,17 @@ def test_grid_order_per_head_bhnd_bf16(path):
     assert max(errs) < 2e-2, errs
 
 
+def test_gather_or_permute_choice():
+    """Measured rule: the parallel kernels with padded head dims get block-order copies, all else gathers."""
+    from mhla_core.ops.noncausal.plan import gather_in_kernel
+
+    cfg = NoncausalConfig()
+    assert not gather_in_kernel(32, 16, 256, 16, 72, 72, 2, cfg)  # DiT-XL/2 256: parallel, 72 padded to 128
+    assert gather_in_kernel(128, 3, 256, 16, 64, 64, 2, cfg)  # DeiT-T
+    assert gather_in_kernel(16, 16, 1024, 16, 72, 72, 2, cfg)  # DiT-XL/2 512: state path
+    assert gather_in_kernel(32, 16, 256, 16, 72, 72, 2, NoncausalConfig(path="state"))
+
+
 def test_token_index_is_the_block_layout():
     layout = BlockLayout((5, 7), (2, 3))  # tiles 3 x 3, padded to 6 x 9
     idx = layout.token_index()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from mhla_core.layout import BlockLayout
 from mhla_core.ops.noncausal.naive import mhla_naive
-from mhla_core.ops.noncausal.plan import NoncausalConfig
+from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, NoncausalConfig, gather_in_kernel
 from mhla_core.ops.noncausal.state_config import StateConfig
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
 
@@ -91,15 +93,20 @@ def mhla(
     s = default_scale(q.shape[-1], scale)
     backend = resolve_backend(backend, q.device, mhla_triton is not None, v.dtype)
     grid = layout is not None and not layout.is_block_major
-    if backend == "triton":
-        rowmap = layout.token_index(q.device) if grid else None
-        return mhla_triton(q, k, v, mixing, block_size, normalize, normalizer, eps, s, config=config, rowmap=rowmap)
     if config is not None and not isinstance(config, NoncausalConfig):
         raise ValueError(f"config must be a NoncausalConfig or None, got {type(config).__name__}")
+    if backend == "triton":
+        if grid and gather_in_kernel(q.shape[0], q.shape[2], num_blocks * block_size, block_size, q.shape[-1],
+                                     v.shape[-1], q.element_size(), config or DEFAULT_CONFIG):
+            return mhla_triton(q, k, v, mixing, block_size, normalize, normalizer, eps, s, config=config,
+                               rowmap=layout.token_index(q.device))
+        op = partial(mhla_triton, config=config)
+    else:
+        op = mhla_naive
     if not grid:
-        return mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
-    q, k, v = (layout.to_blocks(t) for t in (q, k, v))
-    return layout.from_blocks(mhla_naive(q, k, v, mixing, block_size, normalize, normalizer, eps, s))
+        return op(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
+    q, k, v = (layout.to_blocks(t) for t in (q, k, v))  # the reference order (and the faster one, see plan.py)
+    return layout.from_blocks(op(q, k, v, mixing, block_size, normalize, normalizer, eps, s))
 
 
 def _check_layout(layout: BlockLayout, num_tokens: int, block_size: int | None) -> None:

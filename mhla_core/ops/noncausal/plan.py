@@ -89,4 +89,17 @@ def choose_path(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: int, cf
     return "parallel" if par <= state else "state"
 
 
-__all__ = ["NoncausalConfig", "StateConfig", "DEFAULT_CONFIG", "PATHS", "choose_path", "parallel_cost", "state_cost"]
+def gather_in_kernel(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: int, cfg: NoncausalConfig) -> bool:
+    """Whether grid-order inputs are gathered by the kernels (True) or permuted to block order first.
+
+    Measured on the H200 (docs/kernels.md, `scripts/bench_layout.py`): gathering beats the permutation
+    copies on the state path (DiT-XL/2 512, Wan) and on the parallel path with power-of-two head dims
+    (DeiT-T), but the parallel kernels with padded head dims (DiT-XL/2's 72) ran 1.5x slower gathering
+    (GPU 1.79 vs 1.15 ms fwd+bwd at DiT-XL/2 256 with the copies included), so those permute first.
+    """
+    pow2 = all(d & (d - 1) == 0 for d in (DK, DV))
+    return pow2 or choose_path(B, H, N, L, DK, DV, esize, cfg) != "parallel"
+
+
+__all__ = ["gather_in_kernel", "NoncausalConfig", "StateConfig", "DEFAULT_CONFIG", "PATHS", "choose_path",
+           "parallel_cost", "state_cost"]
