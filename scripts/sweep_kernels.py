@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from mhla_core import NoncausalConfig, StateConfig, mhla
-from mhla_core.ops.noncausal import triton_kernels as TK
+from mhla_core.ops.noncausal import launch as LAUNCH
 from mhla_core.ops.noncausal.state_config import default_state_config
 
 SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600)}
@@ -76,7 +76,7 @@ def variant_config(variant: dict, base: StateConfig) -> NoncausalConfig:
     """The config of one variant; the launchers' out-of-resources fallbacks start afresh."""
     changes = {name: replace(getattr(base, name), **value) if isinstance(value, dict) else value
                for name, value in variant.items()}
-    TK._FALLBACK.clear()
+    LAUNCH.FALLBACK.clear()
     return NoncausalConfig(state=replace(base, **changes))
 
 

@@ -24,7 +24,8 @@ from functools import partial
 
 import torch
 
-from mhla_core.ops.noncausal import triton_kernels as TK
+from mhla_core.ops.noncausal import chunk as TK
+from mhla_core.ops.noncausal import mix as MX
 from mhla_core.ops.noncausal.state_config import StateConfig, default_state_config
 
 SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600)}
@@ -70,17 +71,17 @@ def run(shapes: dict, device: torch.device, hbm_tbps: float, tiny: bool) -> list
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.rand(p.B * p.H, p.M, p.row_stride, generator=g).to(device)
         w = torch.rand(p.M, p.M, generator=g).to(device)
-        w3, sw_h = TK._mixing3(w)
+        w3, sw_h = MX._mixing3(w)
         ref = torch.matmul(w.double(), x[..., : p.row].double())
         bytes_fp32 = 2 * x[..., : p.row].numel() * 4
         variants = dict(list(VARIANTS.items())[:3]) if tiny else VARIANTS
         for vname, tiles in variants.items():
             try:
                 pv = _plan(shape, device, torch.bfloat16, _variant(base, tiles))
-                y = TK._mix_triton(pv, w3, sw_h, x.clone(), False, True)
+                y = MX._mix_triton(pv, w3, sw_h, x.clone(), False, True)
                 err = ((y[..., : p.row].double() - ref).norm() / ref.norm()).item()
                 xs = x.clone()
-                ms = time_ms(partial(TK._mix_triton, pv, w3, sw_h, xs, False, True))
+                ms = time_ms(partial(MX._mix_triton, pv, w3, sw_h, xs, False, True))
             except Exception as e:  # a variant that does not compile or fit
                 print(f"{sname} {vname}: failed ({str(e).splitlines()[0][:120]})", flush=True)
                 continue

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+#: Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1, as the tests do without a GPU)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,11 +10,12 @@ import torch
 pytest.importorskip("triton")
 
 from mhla_core.layout import BlockLayout  # noqa: E402
+from mhla_core.ops.noncausal import chunk as K  # noqa: E402
 from mhla_core.ops.noncausal import (
     mhla,  # noqa: E402
     triton_ops,  # noqa: E402
 )
-from mhla_core.ops.noncausal import triton_kernels as K  # noqa: E402
+from mhla_core.ops.noncausal.launch import launch  # noqa: E402
 from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
 from mhla_core.ops.noncausal.state_config import (  # noqa: E402
     DwLaunch,
@@ -309,10 +310,10 @@ def test_launch_falls_back_on_shared_memory_overflow():
 
             return run
 
-    K._launch(FakeKernel(), (1,), (), {"BLOCK_T": 64, "NORM": 1}, {"num_warps": 8, "num_stages": 3})
+    launch(FakeKernel(), (1,), (), {"BLOCK_T": 64, "NORM": 1}, {"num_warps": 8, "num_stages": 3})
     assert calls == [(64, 3), (32, 3), (16, 3), (16, 1)]
     calls.clear()
-    K._launch(FakeKernel(), (1,), (), {"BLOCK_T": 64, "NORM": 1}, {"num_warps": 8, "num_stages": 3})
+    launch(FakeKernel(), (1,), (), {"BLOCK_T": 64, "NORM": 1}, {"num_warps": 8, "num_stages": 3})
     assert calls == [(16, 1)]  # the working setting is remembered
 
 

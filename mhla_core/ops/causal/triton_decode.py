@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from mhla_core.ops.causal.state import MHLAState
-from mhla_core.ops.causal.triton_kernels import next_pow2
+from mhla_core.ops.triton_helpers import next_pow2
 from mhla_core.ops.utils import host_to_device
 
 LAUNCH = {"tile_elems": 4096, "num_warps": 4}  # BK x BV register tile per program

@@ -14,16 +14,16 @@ q, k, v, o are [Ntok, H, D] contiguous; chunk states are [Nrows, H, Dk, Dv] (X =
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from mhla_core.ops.triton_helpers import UPCAST_DOT
 
 TOK, LEN, FIRST, LAST, WIDX = 0, 1, 2, 3, 4
 NCOL = 5
 
 # The Triton interpreter multiplies bf16 operands as raw uint16; there, dots run on fp32 copies.
-_UPCAST = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_UPCAST = UPCAST_DOT
 
 
 @triton.jit
@@ -345,6 +345,3 @@ def chunk_bwd_fused_kernel(
     tl.atomic_add(dw_ptr + h * L * L + wi * (L + 1), tl.sum(gd, axis=0))
 
 
-def next_pow2(x: int, lo: int = 16) -> int:
-    """The smallest power of two >= max(x, lo)."""
-    return max(lo, triton.next_power_of_2(int(x)))

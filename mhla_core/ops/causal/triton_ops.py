@@ -20,6 +20,7 @@ import triton
 
 from mhla_core.ops.causal import triton_kernels as K
 from mhla_core.ops.causal.state import MHLAState
+from mhla_core.ops.triton_helpers import next_pow2
 from mhla_core.ops.utils import expand_mixing
 
 # Launch parameters; the GPU sweep may change them. Block sizes are clipped to the problem size.
@@ -49,7 +50,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _p2(x: int, cap: int) -> int:
-    return min(K.next_pow2(cap), K.next_pow2(x))
+    return min(next_pow2(cap), next_pow2(x))
 
 
 def _launch(name: str) -> dict[str, int]:
@@ -113,7 +114,7 @@ def _mix_grad(g, s, tbl, dw, prec):
 
 
 def _dots(q, C):
-    return {"BC": K.next_pow2(C), "prec": "ieee" if q.dtype == torch.float32 else "tf32"}
+    return {"BC": next_pow2(C), "prec": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
 def _fwd_impl(q, k, v, W, extra, tbl, C, scale, s_dtype, mprec):
@@ -153,7 +154,7 @@ def _bwd_impl(do, dS_out, q, k, v, W, extra, S, St, tbl, C, scale, s_dtype, mpre
         BV = _p2(DV, fcfg["BV"])
         K.chunk_bwd_fused_kernel[(NR * H,)](
             q, k, v, do, St, dS, W, dq, dk, dv, dW, tbl, scale, H, DK, DV, L,
-            BC=dots["BC"], BK=K.next_pow2(DK), BV=BV, PREC=dots["prec"], **_launch("bwd_fused"))
+            BC=dots["BC"], BK=next_pow2(DK), BV=BV, PREC=dots["prec"], **_launch("bwd_fused"))
     elif NR:
         cfg = LAUNCH["dqdk"]
         BK, BV = _p2(DK, cfg["BK"]), _p2(DV, cfg["BV"])

@@ -38,7 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mhla_core.ops.noncausal.triton_kernels import INTERPRET, _cast, _device_fn, _dot
+from mhla_core.ops.noncausal.launch import strides3 as _strides
+from mhla_core.ops.triton_helpers import INTERPRET
+from mhla_core.ops.triton_helpers import cast as _cast
+from mhla_core.ops.triton_helpers import device_fn as _device_fn
+from mhla_core.ops.triton_helpers import dot as _dot
+from mhla_core.ops.triton_helpers import next_pow2 as _pow2
 
 W_GATHER, W_ONEHOT, W_SCALAR, W_ROW = 0, 1, 2, 3
 
@@ -430,10 +435,6 @@ def _ref_grad_kernel(
 # launchers
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(x, 1) - 1).bit_length())
-
-
 def split_dim(d: int) -> tuple[int, int]:
     """A head dim as a power-of-two tile plus a tail tile (0 when none): 72 -> (64, 16), 96 -> (64, 32)."""
     if d <= 16:
@@ -517,10 +518,6 @@ def _tiles_for(tiles: ParallelTiles, bq: int, bk: int, N: int, L: int) -> tuple[
         bk = L & -L
     wmode, nb = _w_mode(tiles, bq, bk, L)
     return bq, bk, wmode, nb
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def dim_tiles(d: int, split: bool) -> tuple[int, int]:

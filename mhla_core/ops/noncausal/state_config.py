@@ -1,20 +1,18 @@
-"""Settings of the non-causal block-state path (`triton_kernels.py`): one frozen, hashable `StateConfig`.
+"""Settings of the non-causal block-state path (`chunk.py`): one frozen, hashable `StateConfig`.
 
-`NoncausalConfig.state` carries it to `triton_kernels.forward` / `backward`, whose `make_plan` caches a
+`NoncausalConfig.state` carries it to `chunk.forward` / `backward`, whose `make_plan` caches a
 `Plan` per (shapes, dtype, L, M, norm, config). Tests and sweeps build their own configs
 (`dataclasses.replace(default_state_config(), ...)`); nothing reads module globals.
 
-This module imports nothing from Triton, so `plan.py` can import it; `INTERPRET` (TRITON_INTERPRET=1,
-the CPU interpreter) is defined here once and re-exported by `triton_kernels`.
+This module imports nothing from Triton, so `plan.py` can import it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from mhla_core.ops.utils import INTERPRET
 
 VARIANTS = ("auto", "state", "direct")
 MIX_IMPLS = ("triton", "matmul")

@@ -3,15 +3,16 @@
 `mhla_triton` is what `mhla(..., backend="triton")` calls. In eager mode it runs a plain
 `torch.autograd.Function` (less dispatch overhead); under `torch.compile` it calls the custom op,
 which has fake implementations and a registered autograd formula, so the op never breaks a graph.
-The kernels and the math are in `triton_kernels.py`.
+The kernels and the math are in `parallel.py` (short sequences) and `chunk.py` / `mix.py` (block states).
 """
 
 from __future__ import annotations
 
 import torch
 
+from mhla_core.ops.noncausal import chunk as K
 from mhla_core.ops.noncausal import parallel as P
-from mhla_core.ops.noncausal import triton_kernels as K
+from mhla_core.ops.noncausal.mix import _mixing3
 from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, PATHS, NoncausalConfig, choose_path
 
 _NORM = {"exact": K.NORM_EXACT, "reference": K.NORM_REFERENCE}
@@ -61,7 +62,7 @@ def _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, sc
     n_pos = _positions(q, rowmap)
     norm = _norm_mode(normalize, normalizer)
     if q_.numel() and v_.numel() and _path(q_, v_, block_size, n_pos, cfg) == "parallel":
-        w3, sw_h = K._mixing3(mixing)
+        w3, sw_h = _mixing3(mixing)
         o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel, rowmap)
         return o.to(out_dtype), r
     unused = q_.new_zeros((B * H, n_pos), dtype=torch.float32)
@@ -79,7 +80,7 @@ def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normaliz
     do_ = _unit_stride(do.to(v_.dtype))
     norm = _norm_mode(normalize, normalizer)
     if _path(q_, v_, block_size, _positions(q, rowmap), cfg) == "parallel":
-        w3, sw_h = K._mixing3(mixing)
+        w3, sw_h = _mixing3(mixing)
         o_ = _unit_stride(o.to(v_.dtype))
         dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
                                     need_dmixing, cfg.parallel, rowmap)

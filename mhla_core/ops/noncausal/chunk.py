@@ -1,4 +1,4 @@
-"""Triton kernels of non-causal MHLA (SPEC section 1) and their launchers.
+"""The block-state ("chunk") path of non-causal MHLA (SPEC section 1): kernels and launchers.
 
 Notation: s = scale, q' = s q, blocks i (query side) and j (key side) of L tokens, W [M, M] per head.
 A block's *state row* is the fp32 vector X_j = [S_j (Dk*Dv) | z_j (Dk) | p_j (L)], where
@@ -54,45 +54,22 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
-from mhla_core.ops.noncausal.state_config import INTERPRET, StateConfig
+from mhla_core.ops.noncausal.launch import launch as _launch
+from mhla_core.ops.noncausal.launch import strides3 as _strides
+from mhla_core.ops.noncausal.mix import _dw_partials, _mix, _mixing3
+from mhla_core.ops.noncausal.state_config import StateConfig
+from mhla_core.ops.triton_helpers import cast as _cast
+from mhla_core.ops.triton_helpers import cdiv as _cdiv
+from mhla_core.ops.triton_helpers import device_fn as _device_fn
+from mhla_core.ops.triton_helpers import dot as _dot
+from mhla_core.ops.triton_helpers import next_pow2 as _pow2
 
 NORM_NONE, NORM_EXACT, NORM_REFERENCE = 0, 1, 2
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _device_fn(fn):
-    """triton.jit for device helpers; under the interpreter a plain function (each interpreted
-    device-function call re-patches triton.language, which dominates the CPU test time)."""
-    return fn if INTERPRET else triton.jit(fn)
-
-
-# The interpreter keeps bf16 as raw uint16 and its tl.dot does not convert it: upcast there.
-_UPCAST_DOT = tl.constexpr(INTERPRET)
-
-
-@_device_fn
-def _dot(a, b, acc, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation (a * b + acc when acc is given)."""
-    if _UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=tl.float32)
-
-
-@_device_fn
-def _cast(x, dtype: tl.constexpr):
-    """x.to(dtype), rounding to nearest even also in the interpreter (which truncates to bf16)."""
-    if _UPCAST_DOT:
-        if dtype == tl.bfloat16:
-            u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            x = u.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @_device_fn
@@ -218,74 +195,6 @@ def _state_kernel(
                     tl.store(row + DK * DV + DK + tt, p, mask=mt)
 
 
-@triton.jit
-def _mix_kernel(
-    w_ptr, x_ptr, y_ptr, sw_h, H, M, C, RS,
-    TRANS_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
-    PREC: tl.constexpr, AS_BF16: tl.constexpr, INPLACE: tl.constexpr,
-):
-    """Y[bh] = W[h] X[bh] (or W[h]^T X[bh]) over the first C columns; in place is safe with one I tile."""
-    pi = tl.program_id(0)
-    pc = tl.program_id(1)
-    bh = tl.program_id(2)
-    h = bh % H
-    offs_i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
-    mi = offs_i < M
-    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = offs_c < C
-    wb = w_ptr + h * sw_h
-    xb = x_ptr + (bh * M).to(tl.int64) * RS
-    acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
-    for j0 in range(0, M, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        mj = offs_j < M
-        wm = mi[:, None] & mj[None, :]
-        if TRANS_W:
-            w = tl.load(wb + offs_j[None, :] * M + offs_i[:, None], mask=wm, other=0.0)
-        else:
-            w = tl.load(wb + offs_i[:, None] * M + offs_j[None, :], mask=wm, other=0.0)
-        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
-        if AS_BF16:
-            acc = _dot(_cast(w, tl.bfloat16), _cast(x, tl.bfloat16), acc, PREC)
-        else:
-            acc = _dot(w, x, acc, PREC)
-    if INPLACE:
-        tl.debug_barrier()
-    yb = y_ptr + (bh * M).to(tl.int64) * RS
-    tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], acc, mask=mi[:, None] & mc[None, :])
-
-
-@triton.jit
-def _dw_kernel(
-    a_ptr, x_ptr, p_ptr, M, C, RS, cols_per_split, n_split, n_tj,
-    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, AS_BF16: tl.constexpr,
-):
-    """Partial dW[bh, split] = dX~[bh][:, cols] X[bh][:, cols]^T over one column split."""
-    pij = tl.program_id(0)
-    sp = tl.program_id(1)
-    bh = tl.program_id(2)
-    ti = pij // n_tj
-    tj = pij % n_tj
-    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_j = tj * BLOCK_I + tl.arange(0, BLOCK_I)
-    mi = offs_i < M
-    mj = offs_j < M
-    ab = a_ptr + (bh * M).to(tl.int64) * RS
-    xb = x_ptr + (bh * M).to(tl.int64) * RS
-    c_start = sp * cols_per_split
-    c_end = tl.minimum(C, c_start + cols_per_split)
-    acc = tl.zeros([BLOCK_I, BLOCK_I], dtype=tl.float32)
-    for c0 in range(c_start, c_end, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < c_end
-        a = tl.load(ab + offs_i[:, None] * RS + offs_c[None, :], mask=mi[:, None] & mc[None, :], other=0.0)
-        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
-        if AS_BF16:
-            acc = _dot(_cast(a, tl.bfloat16), tl.trans(_cast(x, tl.bfloat16)), acc, PREC)
-        else:
-            acc = _dot(a, tl.trans(x), acc, PREC)
-    pb = p_ptr + ((bh * n_split + sp) * M).to(tl.int64) * M
-    tl.store(pb + offs_i[:, None] * M + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
 
 
 @triton.jit
@@ -553,49 +462,6 @@ def _bwd_kv_kernel(
 # launchers
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (x - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:  # triton.cdiv is a jit function in recent Triton: slow from Python
-    return -(-a // b)
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-# (kernel name, constexprs) -> constexpr / launch overrides found after an out-of-resources failure
-_FALLBACK: dict[tuple, dict] = {}
-
-
-def _launch(kernel, grid, args, consts: dict, cfg: dict) -> None:
-    """kernel[grid](*args, **consts, **cfg); on shared-memory overflow, retry with a smaller token
-    tile (when the kernel loops over tokens) and then with one pipeline stage."""
-    run = {**consts, **cfg}
-    key = None
-    if _FALLBACK:
-        key = _launch_key(kernel, args, consts, cfg)
-        run.update(_FALLBACK.get(key, {}))
-    while True:
-        try:
-            kernel[grid](*args, **run)
-            return
-        except OutOfResources:
-            if run.get("BLOCK_T", 16) > 16 and not run.get("DIRECT", False):
-                run["BLOCK_T"] //= 2
-            elif run.get("num_stages", 1) > 1:
-                run["num_stages"] = 1
-            else:
-                raise
-            key = key or _launch_key(kernel, args, consts, cfg)
-            _FALLBACK[key] = {n: run[n] for n in ("BLOCK_T", "num_stages") if n in run}
-
-
-def _launch_key(kernel, args, consts: dict, cfg: dict) -> tuple:
-    return (kernel.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(cfg.items())),
-            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -697,57 +563,6 @@ def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int, cf
     return direct < state + 2 * cfg.cost_launch
 
 
-def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mixing as fp32 [Hw, M, M] contiguous and its head stride (0 when shared)."""
-    w3 = w.to(torch.float32).contiguous()
-    if w3.dim() == 2:
-        return w3, 0
-    return w3, w3.stride(0)
-
-
-def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`)."""
-    if p.config.mix_impl == "matmul":
-        return _mix_matmul(p, w3, x, trans)
-    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok)
-
-
-def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
-    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"`).
-
-    Columns past p.row (row padding) are multiplied too; each output column depends only on the same
-    input column, so whatever they hold never reaches the used columns.
-    """
-    w = w3.transpose(-1, -2) if trans else w3
-    xv = x.view(p.B, p.H, p.M, p.row_stride)
-    if p.mix_bf16:
-        return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).float().view_as(x)
-    allow = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = p.mix_prec == "tf32"
-    try:
-        return torch.matmul(w, xv).view_as(x)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow
-
-
-def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """The mixing as a Triton kernel; in place when one program covers all M rows."""
-    cfg = p.config.mix_kernel
-    bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
-    n_i = _cdiv(p.M, bi)
-    inplace = inplace_ok and n_i == 1
-    y = x if inplace else torch.empty_like(x)
-    bc = min(cfg.block_c, _pow2(p.row))
-    _launch(
-        _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),
-        (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
-        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg.block_j, _pow2(p.M)), BLOCK_C=bc,
-             PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
-        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-    )
-    return y
-
-
 def _grid_args(rowmap: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(map pointer, GRID): the row map of a grid layout, or any tensor (unread) for block-major tokens."""
     return (fallback, False) if rowmap is None else (rowmap, True)
@@ -791,26 +606,6 @@ def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateC
         p.launch("out"),
     )
     return o
-
-
-def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dW [H, M, M] fp32 = sum over b of dX~ X^T, from partial sums over column splits."""
-    cfg = p.config.dw_kernel
-    bi = min(_pow2(p.M), max(16, cfg.block_i))
-    n_t = _cdiv(p.M, bi)
-    bc = min(cfg.block_c, _pow2(p.row))
-    n_col = _cdiv(p.row, bc)
-    n_split = max(1, min(n_col, _cdiv(cfg.min_programs, p.B * p.H * n_t * n_t)))
-    cols = _cdiv(n_col, n_split) * bc
-    n_split = _cdiv(p.row, cols)
-    part = torch.empty((p.B * p.H * n_split, p.M, p.M), dtype=torch.float32, device=x.device)
-    _launch(
-        _dw_kernel, (n_t * n_t, n_split, p.B * p.H),
-        (dxt, x, part, p.M, p.row, p.row_stride, cols, n_split, n_t),
-        dict(BLOCK_I=bi, BLOCK_C=bc, PREC=p.mix_prec, AS_BF16=p.mix_bf16),
-        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-    )
-    return part.view(p.B, p.H, n_split, p.M, p.M).sum(dim=(0, 2))
 
 
 def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateConfig, need_dw: bool = True,

@@ -1,0 +1,165 @@
+"""Block mixing of the non-causal state path: X~ = W X over blocks for every (b, h), and dW.
+
+A block's state row X_j (fp32, `chunk.py`) is mixed by one GEMM over blocks per (b, h): X~ = W X
+forward, dX = W^T dX~ backward, either by `_mix_kernel` (in place when one program covers all M
+rows) or by one broadcast cuBLAS GEMM (`StateConfig.mix_impl`). dW = sum_b dX~ X^T comes from
+`_dw_kernel`'s partial sums over column splits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from mhla_core.ops.noncausal.launch import launch as _launch
+from mhla_core.ops.triton_helpers import cast as _cast
+from mhla_core.ops.triton_helpers import cdiv as _cdiv
+from mhla_core.ops.triton_helpers import dot as _dot
+from mhla_core.ops.triton_helpers import next_pow2 as _pow2
+
+if TYPE_CHECKING:
+    from mhla_core.ops.noncausal.chunk import Plan
+
+
+@triton.jit
+def _mix_kernel(
+    w_ptr, x_ptr, y_ptr, sw_h, H, M, C, RS,
+    TRANS_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr, AS_BF16: tl.constexpr, INPLACE: tl.constexpr,
+):
+    """Y[bh] = W[h] X[bh] (or W[h]^T X[bh]) over the first C columns; in place is safe with one I tile."""
+    pi = tl.program_id(0)
+    pc = tl.program_id(1)
+    bh = tl.program_id(2)
+    h = bh % H
+    offs_i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < M
+    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    wb = w_ptr + h * sw_h
+    xb = x_ptr + (bh * M).to(tl.int64) * RS
+    acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
+    for j0 in range(0, M, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        mj = offs_j < M
+        wm = mi[:, None] & mj[None, :]
+        if TRANS_W:
+            w = tl.load(wb + offs_j[None, :] * M + offs_i[:, None], mask=wm, other=0.0)
+        else:
+            w = tl.load(wb + offs_i[:, None] * M + offs_j[None, :], mask=wm, other=0.0)
+        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        if AS_BF16:
+            acc = _dot(_cast(w, tl.bfloat16), _cast(x, tl.bfloat16), acc, PREC)
+        else:
+            acc = _dot(w, x, acc, PREC)
+    if INPLACE:
+        tl.debug_barrier()
+    yb = y_ptr + (bh * M).to(tl.int64) * RS
+    tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], acc, mask=mi[:, None] & mc[None, :])
+
+
+@triton.jit
+def _dw_kernel(
+    a_ptr, x_ptr, p_ptr, M, C, RS, cols_per_split, n_split, n_tj,
+    BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, AS_BF16: tl.constexpr,
+):
+    """Partial dW[bh, split] = dX~[bh][:, cols] X[bh][:, cols]^T over one column split."""
+    pij = tl.program_id(0)
+    sp = tl.program_id(1)
+    bh = tl.program_id(2)
+    ti = pij // n_tj
+    tj = pij % n_tj
+    offs_i = ti * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = tj * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < M
+    mj = offs_j < M
+    ab = a_ptr + (bh * M).to(tl.int64) * RS
+    xb = x_ptr + (bh * M).to(tl.int64) * RS
+    c_start = sp * cols_per_split
+    c_end = tl.minimum(C, c_start + cols_per_split)
+    acc = tl.zeros([BLOCK_I, BLOCK_I], dtype=tl.float32)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < c_end
+        a = tl.load(ab + offs_i[:, None] * RS + offs_c[None, :], mask=mi[:, None] & mc[None, :], other=0.0)
+        x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        if AS_BF16:
+            acc = _dot(_cast(a, tl.bfloat16), tl.trans(_cast(x, tl.bfloat16)), acc, PREC)
+        else:
+            acc = _dot(a, tl.trans(x), acc, PREC)
+    pb = p_ptr + ((bh * n_split + sp) * M).to(tl.int64) * M
+    tl.store(pb + offs_i[:, None] * M + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
+
+
+def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mixing as fp32 [Hw, M, M] contiguous and its head stride (0 when shared)."""
+    w3 = w.to(torch.float32).contiguous()
+    if w3.dim() == 2:
+        return w3, 0
+    return w3, w3.stride(0)
+
+
+def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
+    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`)."""
+    if p.config.mix_impl == "matmul":
+        return _mix_matmul(p, w3, x, trans)
+    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok)
+
+
+def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
+    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"`).
+
+    Columns past p.row (row padding) are multiplied too; each output column depends only on the same
+    input column, so whatever they hold never reaches the used columns.
+    """
+    w = w3.transpose(-1, -2) if trans else w3
+    xv = x.view(p.B, p.H, p.M, p.row_stride)
+    if p.mix_bf16:
+        return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).float().view_as(x)
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = p.mix_prec == "tf32"
+    try:
+        return torch.matmul(w, xv).view_as(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
+    """The mixing as a Triton kernel; in place when one program covers all M rows."""
+    cfg = p.config.mix_kernel
+    bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
+    n_i = _cdiv(p.M, bi)
+    inplace = inplace_ok and n_i == 1
+    y = x if inplace else torch.empty_like(x)
+    bc = min(cfg.block_c, _pow2(p.row))
+    _launch(
+        _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),
+        (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
+        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg.block_j, _pow2(p.M)), BLOCK_C=bc,
+             PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    return y
+
+
+def _dw_partials(p: Plan, dxt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW [H, M, M] fp32 = sum over b of dX~ X^T, from partial sums over column splits."""
+    cfg = p.config.dw_kernel
+    bi = min(_pow2(p.M), max(16, cfg.block_i))
+    n_t = _cdiv(p.M, bi)
+    bc = min(cfg.block_c, _pow2(p.row))
+    n_col = _cdiv(p.row, bc)
+    n_split = max(1, min(n_col, _cdiv(cfg.min_programs, p.B * p.H * n_t * n_t)))
+    cols = _cdiv(n_col, n_split) * bc
+    n_split = _cdiv(p.row, cols)
+    part = torch.empty((p.B * p.H * n_split, p.M, p.M), dtype=torch.float32, device=x.device)
+    _launch(
+        _dw_kernel, (n_t * n_t, n_split, p.B * p.H),
+        (dxt, x, part, p.M, p.row, p.row_stride, cols, n_split, n_t),
+        dict(BLOCK_I=bi, BLOCK_C=bc, PREC=p.mix_prec, AS_BF16=p.mix_bf16),
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    return part.view(p.B, p.H, n_split, p.M, p.M).sum(dim=(0, 2))
