@@ -1,4 +1,4 @@
-"""BlockLayout: permute a row-major token grid into block-major order and back (SPEC section 3)."""
+"""BlockLayout: permute a row-major token grid into block-major order and back (docs/spec.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Initialisers of the block mixing matrix (SPEC sections 2 and 4)."""
+"""Initialisers of the block mixing matrix (docs/spec.md sections 2 and 4)."""
 
 from __future__ import annotations
 

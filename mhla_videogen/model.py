@@ -38,7 +38,7 @@ class MHLAWanTransformer3DModel(WanTransformer3DModel):
         mhla_layers: "hybrid", "full" or a list of layer indices (stored resolved, as a list).
         block_layout: blocks along (frames, height, width) of the latent token grid; default (3, 5, 10).
         mhla_gated: add the output gate `SiLU(g(x))` to the MHLA layers.
-        mixing_init: "distance" (SPEC section 4 `linear`; g_norm ones, g default Linear init) or
+        mixing_init: "distance" (docs/spec.md section 4 `linear`; g_norm ones, g default Linear init) or
             "reference" (g, g_norm and W at 1e-6, g bias zero: what the authors' code effectively starts from).
 
     The token grid reaches the MHLA processors through the rotary tuple: a forward hook on `self.rope`

@@ -1,4 +1,4 @@
-"""Float64 brute force of SPEC sections 1-2, written per token and sharing no code with mhla_core."""
+"""Float64 brute force of docs/spec.md sections 1-2, written per token and sharing no code with mhla_core."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""chunk_mhla / fused_recurrent_mhla (backend="torch") against the float64 brute force (SPEC section 2)."""
+"""chunk_mhla / fused_recurrent_mhla (backend="torch") against the float64 brute force (docs/spec.md section 2)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""chunk_mhla(backend="triton") against backend="torch" (SPEC section 2); CPU tensors under TRITON_INTERPRET."""
+"""chunk_mhla(backend="triton") against backend="torch" (docs/spec.md section 2); CPU tensors under TRITON_INTERPRET."""
 
 import os
 

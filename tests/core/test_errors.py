@@ -1,4 +1,4 @@
-"""Malformed inputs raise ValueError naming the shapes (SPEC section 5)."""
+"""Malformed inputs raise ValueError naming the shapes (docs/spec.md section 5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""BlockLayout against an explicit loop construction (SPEC section 3)."""
+"""BlockLayout against an explicit loop construction (docs/spec.md section 3)."""
 
 import itertools
 import math

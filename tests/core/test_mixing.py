@@ -1,4 +1,4 @@
-"""Mixing initialisers against the table of SPEC section 4, computed here from first principles."""
+"""Mixing initialisers against the table of docs/spec.md section 4, computed here from first principles."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""mhla(backend="torch") against the float64 per-token brute force (SPEC section 1)."""
+"""mhla(backend="torch") against the float64 per-token brute force (docs/spec.md section 1)."""
 
 import pytest
 import torch

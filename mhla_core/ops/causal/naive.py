@@ -1,4 +1,4 @@
-"""Pure-PyTorch chunked causal MHLA (SPEC section 2): the reference every kernel must match."""
+"""Pure-PyTorch chunked causal MHLA (docs/spec.md section 2): the reference every kernel must match."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Token-by-token causal MHLA (SPEC section 2, recurrent form) in PyTorch.
+"""Token-by-token causal MHLA (docs/spec.md section 2, recurrent form) in PyTorch.
 
 Shaped for decoding, where the host issuing ops bounds the speed: sequence offsets stay Python ints
 (no host syncs, no small CPU-tensor ops), and each token costs a handful of ops.

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class MHLAState:
-    """Everything causal MHLA needs to continue a sequence (SPEC section 2, recurrent form).
+    """Everything causal MHLA needs to continue a sequence (docs/spec.md section 2, recurrent form).
 
     Attributes:
         chunk_states: [B, H, L, Dk, Dv] states S_j of the completed chunks j < offset // C;

@@ -1,4 +1,4 @@
-"""Triton kernels for causal chunked MHLA (SPEC section 2).
+"""Triton kernels for causal chunked MHLA (docs/spec.md section 2).
 
 All kernels work on a flat list of "chunk rows": every chunk of every sequence (batch row or packed
 document) that a call touches. Row c is described by the int32 table `tbl[c, :]`:

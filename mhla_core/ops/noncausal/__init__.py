@@ -68,7 +68,7 @@ def mhla(
         block_size: tokens per block L of block-major inputs.
         layout: a `BlockLayout` whose grid holds the N tokens in row-major order (instead of block_size).
         normalize: divide by the (mixed) key-sum normaliser.
-        normalizer: "exact" (default) or "reference" (the authors' released form), SPEC section 1.
+        normalizer: "exact" (default) or "reference" (the authors' released form), docs/spec.md section 1.
         eps: added to the denominator.
         scale: query scale, default Dk ** -0.5.
         backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch".

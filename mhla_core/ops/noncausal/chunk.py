@@ -1,4 +1,4 @@
-"""The block-state ("chunk") path of non-causal MHLA (SPEC section 1): kernels and launchers.
+"""The block-state ("chunk") path of non-causal MHLA (docs/spec.md section 1): kernels and launchers.
 
 Notation: s = scale, q' = s q, blocks i (query side) and j (key side) of L tokens, W [M, M] per head.
 A block's *state row* is the fp32 vector X_j = [S_j (Dk*Dv) | z_j (Dk) | p_j (L)], where

@@ -1,4 +1,4 @@
-"""Pure-PyTorch non-causal MHLA (SPEC section 1): the reference every kernel must match."""
+"""Pure-PyTorch non-causal MHLA (docs/spec.md section 1): the reference every kernel must match."""
 
 from __future__ import annotations
 
