@@ -5,6 +5,7 @@ import torch
 
 from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla
 from tests.core.brute import brute_causal
+from tests.core.errors import rel_err as _rel
 
 
 def _inputs(B, T, H, Dk, Dv, seed):
@@ -19,10 +20,6 @@ def _mixing(L, H=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (L, L) if H is None else (H, L, L)
     return causal_mixing_init(L).double() + torch.rand(*shape, dtype=torch.float64, generator=g)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("T,C,per_head,scale", [(24, 8, False, None), (29, 8, True, None), (13, 4, False, 0.7),

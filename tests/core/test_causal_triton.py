@@ -14,6 +14,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from mhla_core.ops.causal import triton_ops  # noqa: E402
+from tests.core.errors import rel_err as _rel  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -30,11 +31,6 @@ def _mixing(L, H=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (L, L) if H is None else (H, L, L)
     return (causal_mixing_init(L) + torch.rand(*shape, generator=g)).to(DEVICE)
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _run(backend, q, k, v, W, dout, **kw):

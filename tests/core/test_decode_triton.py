@@ -8,6 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla  # noqa: E402
+from tests.core.errors import rel_err as _rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -23,11 +24,6 @@ def _inputs(B, T, H, Dk, Dv, L, per_head, seed, dtype):
     shape = (H, L, L) if per_head else (L, L)
     W = (causal_mixing_init(L) + torch.rand(*shape, generator=g)).tril()
     return [x.to(DEVICE, dtype) for x in (q, k, v)] + [W.to(DEVICE)]
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

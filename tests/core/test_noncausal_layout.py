@@ -16,15 +16,12 @@ pytest.importorskip("triton")
 from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
 from mhla_core.ops.noncausal.state_config import default_state_config  # noqa: E402
+from tests.core.errors import rel_err as _rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
 # (grid, blocks): padded 1D, padded 2D, divided 2D, padded 3D
 LAYOUTS = [((30,), (4,)), ((5, 7), (2, 3)), ((8, 8), (2, 2)), ((3, 4, 5), (2, 2, 2))]
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _config(path: str) -> NoncausalConfig:

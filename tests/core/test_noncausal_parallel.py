@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 from mhla_core import NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
 from mhla_core.ops.noncausal.plan import choose_path  # noqa: E402
+from tests.core.errors import rel_err as _rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
@@ -17,10 +18,6 @@ NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
 
 def _tiles(bq: int, bk: int, **kw) -> P.ParallelTiles:
     return P.ParallelTiles(bq, bk, 4, 1, bq, bk, 4, 1, bq, bk, 4, 1, **kw)
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _errors(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, tiles, dtype=torch.float32, layout="bnhd",

@@ -5,6 +5,7 @@ import torch
 
 from mhla_core import mhla
 from tests.core.brute import brute_mhla
+from tests.core.errors import rel_err as _rel
 
 
 def _inputs(B, M, L, H, Dk, Dv, per_head, seed):
@@ -16,10 +17,6 @@ def _inputs(B, M, L, H, Dk, Dv, per_head, seed):
     shape = (H, M, M) if per_head else (M, M)
     W = torch.rand(*shape, dtype=torch.float64, generator=g)
     return q, k, v, W
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 CASES = [  # (M, L, per_head, normalize, normalizer, scale)

@@ -24,6 +24,7 @@ from mhla_core.ops.noncausal.state_config import (  # noqa: E402
     TokenLaunch,
     default_state_config,
 )
+from tests.core.errors import rel_err as _rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -47,10 +48,6 @@ def _inputs(B, H, M, L, Dk, Dv, per_head, seed=0):
     w = torch.rand(*((H, M, M) if per_head else (M, M)), generator=g)
     do = torch.randn(B, N, H, Dv, generator=g)
     return q, k, v, w, do
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.float32, scale=None,
