@@ -12,6 +12,20 @@ from mhla_core.ops.causal.state import MHLAState
 from mhla_core.ops.utils import accumulation_dtype, expand_mixing
 
 
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _nonfinite_before(x: torch.Tensor, dim: int, inclusive: bool = False) -> torch.Tensor:
+    """Per entry: whether any entry at an earlier index along `dim` (or the same, when inclusive)
+    is non-finite; the NaN pattern of a causal sum over that axis."""
+    bad = (~torch.isfinite(x)).to(torch.int32).cumsum(dim) > 0
+    if inclusive:
+        return bad
+    first = torch.zeros_like(bad.narrow(dim, 0, 1))
+    return torch.cat([first, bad.narrow(dim, 0, bad.shape[dim] - 1)], dim=dim)
+
+
 def _chunk_group(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,7 +61,10 @@ def _chunk_group(
     rows = torch.arange(i0, i0 + n, device=q.device)
     cols = torch.arange(i0 + n, device=q.device)
     inter_w = W[:, i0 : i0 + n, : i0 + n] * (cols[None, :] < rows[:, None])  # strictly earlier chunks
-    inter = torch.einsum("hij,bhjkv->bhikv", inter_w, states)
+    # later chunks enter with weight 0, so their non-finite entries are kept out of the product
+    # (0 * NaN = NaN) and marked from the earlier ones alone (docs/spec.md section 5)
+    inter = torch.einsum("hij,bhjkv->bhikv", inter_w, _finite_or_zero(states))
+    inter = inter.masked_fill(_nonfinite_before(states, dim=2)[:, :, i0 : i0 + n], float("nan"))
     diag = W[:, rows, rows]  # [H, n]
     # the part of the first chunk seen before this call enters like an earlier state, weighted W[i0, i0]
     carried = torch.zeros_like(inter)
@@ -57,7 +74,8 @@ def _chunk_group(
     scores = torch.einsum("bnchk,bnuhk->bnhcu", qc, kc)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, 0) * diag.t().reshape(1, n, H, 1, 1)
-    o_intra = torch.einsum("bnhcu,bnuhv->bnchv", scores, vc)
+    o_intra = torch.einsum("bnhcu,bnuhv->bnchv", scores, _finite_or_zero(vc))
+    o_intra = o_intra.masked_fill(_nonfinite_before(vc, dim=2, inclusive=True), float("nan"))
     o = (o_inter + o_intra).reshape(B, n * C, H, Dv)[:, p : p + T]
 
     end = off + T

@@ -118,7 +118,15 @@ def mix_kernel(
             w = tl.load(w_base + r_w[:, None] * L + k_w[None, :], mask=ok, other=0.0)
         s_blk = s_ptr + (k0 * H + h).to(tl.int64) * X
         s = tl.load(s_blk + j[:, None] * (H * X) + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += _dot(w.to(s.dtype), s, PREC)
+        # Non-finite states are zeroed for the product, so that one never meets a row it does not
+        # belong to under a zero weight (another sequence, a later chunk: 0 * NaN = NaN), and marked
+        # NaN only in the rows that do read them (docs/spec.md section 5).
+        finite = tl.abs(s.to(tl.float32)) < float("inf")  # False for NaN and +-inf
+        part = _dot(w.to(s.dtype), tl.where(finite, s, 0.0).to(s.dtype), PREC)
+        if tl.sum(tl.where(finite, 0, 1)) > 0:
+            reads = _dot(tl.where(ok, 1.0, 0.0), tl.where(finite, 0.0, 1.0), "ieee")
+            part = tl.where(reads > 0, float("nan"), part)
+        acc += part
     o_blk = (m0.to(tl.int64) * H + h) * X
     offs = i[:, None] * (H * X) + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
