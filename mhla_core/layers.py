@@ -88,10 +88,13 @@ class MHLA(nn.Module):
             raise ValueError(f"mixing_constraint must be one of {CONSTRAINTS}, got {mixing_constraint!r}")
         if normalizer not in NORMALIZERS:
             raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+        if block_tokens is not None and grid is None:
+            raise ValueError("block_tokens= needs grid= to know the number of blocks")
+        if lepe_kernel is not None and (not isinstance(lepe_kernel, int) or lepe_kernel < 1 or lepe_kernel % 2 == 0):
+            raise ValueError(f"lepe_kernel must be an odd int >= 1 (a same-size convolution) or None, "
+                             f"got {lepe_kernel!r}")
         ndim = len(grid) if grid is not None else (1 if isinstance(blocks, int) else len(blocks))
         if block_tokens is not None:
-            if grid is None:
-                raise ValueError("block_tokens= needs grid= to know the number of blocks")
             tokens = _per_axis(block_tokens, ndim, "block_tokens")
             blocks = tuple(math.ceil(g / t) for g, t in zip(grid, tokens))
         self.blocks = _per_axis(blocks, ndim, "blocks")

@@ -25,6 +25,10 @@ def block_distance_mixing(
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if transform == "exp" and not exp_sigma > 0:
+        raise ValueError(f"exp_sigma must be > 0 for transform='exp', got {exp_sigma!r}")
+    if transform == "local" and not local_thres >= 0:
+        raise ValueError(f"local_thres must be >= 0 for transform='local' (block units), got {local_thres!r}")
     dist = layout.distances()
     dmax = float(dist.max())
     if dmax == 0.0:  # a single block

@@ -22,12 +22,18 @@ def default_scale(head_dim: int, scale: float | None) -> float:
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """q, k: [B, N, H, Dk]; v: [B, N, H, Dv], all float, all on one device."""
+    """q, k: [B, N, H, Dk]; v: [B, N, H, Dv], all float, all on one device, head dims >= 1."""
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor [B, N, H, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be [B, N, H, D], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} has head dim D = 0; head dims must be >= 1, got shape {tuple(t.shape)}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (no data); move it to a real device first")
     if q.shape != k.shape:
         raise ValueError(
             f"q and k must have the same shape [B, N, H, Dk], got q {tuple(q.shape)} and k {tuple(k.shape)}"
@@ -40,8 +46,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
-def check_mixing(mixing: torch.Tensor, size: int, num_heads: int, what: str) -> None:
-    """`mixing` must be [size, size] or per-head [num_heads, size, size]."""
+def check_mixing_tensor(mixing: torch.Tensor, device: torch.device | None = None) -> None:
+    """`mixing` must be a float tensor on `device` (the inputs' device)."""
+    if not isinstance(mixing, torch.Tensor) or not mixing.is_floating_point():
+        got = mixing.dtype if isinstance(mixing, torch.Tensor) else type(mixing).__name__
+        raise ValueError(f"mixing must be a float torch.Tensor, got {got}")
+    if device is not None and mixing.device != device:
+        raise ValueError(f"mixing is on {mixing.device}, q on {device}: move the mixing matrix to {device}")
+
+
+def check_mixing(mixing: torch.Tensor, size: int, num_heads: int, what: str,
+                 device: torch.device | None = None) -> None:
+    """`mixing` must be a float [size, size] or per-head [num_heads, size, size] tensor on `device`."""
+    check_mixing_tensor(mixing, device)
     ok_shapes = ((size, size), (num_heads, size, size))
     if tuple(mixing.shape) not in ok_shapes:
         raise ValueError(

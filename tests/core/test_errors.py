@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from mhla_core import MHLA, BlockLayout, chunk_mhla, fused_recurrent_mhla, mhla
+from mhla_core import (
+    MHLA,
+    BlockLayout,
+    block_distance_mixing,
+    causal_mixing_init,
+    chunk_mhla,
+    fused_recurrent_mhla,
+    mhla,
+)
+from mhla_core.ops.causal import MHLAState
 
 
 def _qkv(B=1, N=12, H=2, Dk=4, Dv=4):
@@ -95,3 +104,36 @@ def test_auto_backend_choice():
     assert resolve_backend("auto", cuda, False, torch.float32) == "torch"
     with pytest.raises(NotImplementedError, match="no kernel"):
         resolve_backend("triton", cpu, False)
+
+
+def _three(B=1, N=16, H=2, D=8):
+    return [torch.rand(B, N, H, D) for _ in range(3)]
+
+
+@pytest.mark.parametrize("call,names", [
+    # inputs that are not tensors, or hold no head dim, or no data
+    (lambda: mhla(*[x.numpy() for x in _three()], torch.rand(4, 4), block_size=4), "q"),
+    (lambda: mhla(*_three(D=0), torch.rand(4, 4), block_size=4), "head dim"),
+    (lambda: mhla(*_three(), torch.rand(4, 4, device="meta"), block_size=4), "mixing"),
+    (lambda: mhla(*[x.to("meta") for x in _three()], torch.rand(4, 4, device="meta"), block_size=4), "meta"),
+    (lambda: mhla(*_three(), [[1.0] * 4] * 4, block_size=4), "mixing"),
+    (lambda: chunk_mhla(*_three(), torch.rand(1, 1, device="meta"), chunk_size=16), "mixing"),
+    (lambda: fused_recurrent_mhla(*_three(B=0), causal_mixing_init(1), chunk_size=16), "B = 0"),
+    # a continuation state that cannot continue
+    (lambda: chunk_mhla(*_three(), causal_mixing_init(1), chunk_size=16,
+                        initial_state=MHLAState(torch.zeros(1, 2, 1, 8, 8), torch.zeros(1, 2, 8, 8), (-3,), 16)),
+     "offsets"),
+    (lambda: chunk_mhla(*_three(), causal_mixing_init(1), chunk_size=16,
+                        initial_state=MHLAState(torch.zeros(1, 2, 1, 8, 8, device="meta"),
+                                                torch.zeros(1, 2, 8, 8, device="meta"), (0,), 16)),
+     "initial_state"),
+    # layer and initialiser settings
+    (lambda: MHLA(16, 2, block_tokens=2), "block_tokens"),
+    (lambda: MHLA(16, 2, grid=(8, 8), blocks=(2, 2), lepe_kernel=4), "lepe_kernel"),
+    (lambda: block_distance_mixing(BlockLayout((4, 4), (2, 2)), "local", local_thres=-1), "local_thres"),
+    (lambda: block_distance_mixing(BlockLayout((4, 4), (2, 2)), "exp", exp_sigma=0), "exp_sigma"),
+])
+def test_unclear_inputs_get_named_value_errors(call, names):
+    """Each input raises ValueError (not AttributeError, TypeError, IndexError, NaN output) naming its argument."""
+    with pytest.raises(ValueError, match=names):
+        call()

@@ -8,7 +8,7 @@ from mhla_core.ops.causal.checks import check_cu_seqlens, check_length
 from mhla_core.ops.causal.naive import chunk_mhla_naive
 from mhla_core.ops.causal.recurrent import fused_recurrent_mhla_torch
 from mhla_core.ops.causal.state import MHLAState
-from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
+from mhla_core.ops.utils import check_mixing, check_mixing_tensor, check_qkv, default_scale, resolve_backend
 
 try:  # the kernels are optional: the package works without Triton
     from mhla_core.ops.causal.triton_decode import fused_recurrent_mhla_triton
@@ -21,12 +21,13 @@ def _check_common(q, k, v, mixing, chunk_size, initial_state, num_seqs):
     check_qkv(q, k, v)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_mixing_tensor(mixing, q.device)
     if mixing.dim() not in (2, 3) or mixing.shape[-1] != mixing.shape[-2]:
         raise ValueError(f"mixing must be [L, L] or [H, L, L], got {tuple(mixing.shape)}")
     L = mixing.shape[-1]
     check_mixing(mixing, L, q.shape[2], f"causal MHLA with {L} chunks")
     if initial_state is not None:
-        initial_state.check(num_seqs, q.shape[2], L, q.shape[3], v.shape[3], chunk_size)
+        initial_state.check(num_seqs, q.shape[2], L, q.shape[3], v.shape[3], chunk_size, q.device)
     return L
 
 
@@ -91,6 +92,8 @@ def fused_recurrent_mhla(
     need gradients, and float64 inputs, run the PyTorch path) or "auto" (Triton on CUDA).
     """
     L = _check_common(q, k, v, mixing, chunk_size, initial_state, q.shape[0])
+    if q.shape[0] == 0:
+        raise ValueError(f"fused_recurrent_mhla needs at least one sequence, got q {tuple(q.shape)} (B = 0)")
     offsets = initial_state.offsets if initial_state is not None else (0,) * q.shape[0]
     for off in offsets:
         check_length(off + q.shape[1], chunk_size, L)

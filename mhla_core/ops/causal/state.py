@@ -66,8 +66,9 @@ class MHLAState:
             states[0].chunk_size,
         )
 
-    def check(self, batch: int, heads: int, num_chunks: int, dk: int, dv: int, chunk_size: int) -> None:
-        """Raise ValueError if this state cannot continue sequences of the given shape."""
+    def check(self, batch: int, heads: int, num_chunks: int, dk: int, dv: int, chunk_size: int,
+              device: torch.device | None = None) -> None:
+        """Raise ValueError if this state cannot continue sequences of the given shape (on `device`)."""
         want = (batch, heads, num_chunks, dk, dv)
         if tuple(self.chunk_states.shape) != want or tuple(self.partial.shape) != (batch, heads, dk, dv):
             raise ValueError(
@@ -76,6 +77,11 @@ class MHLAState:
             )
         if len(self.offsets) != batch:
             raise ValueError(f"initial_state has {len(self.offsets)} offsets for {batch} sequences")
+        if any(int(o) < 0 for o in self.offsets):
+            raise ValueError(f"initial_state offsets must be ints >= 0 (tokens consumed), got {self.offsets}")
+        if device is not None and (self.chunk_states.device != device or self.partial.device != device):
+            raise ValueError(f"initial_state is on {self.chunk_states.device} / {self.partial.device}, q on {device}: "
+                             "build it (chunk_states, partial) on the inputs' device")
         if self.chunk_size != chunk_size:
             raise ValueError(
                 f"initial_state was built with chunk_size={self.chunk_size}, got chunk_size={chunk_size}"

@@ -87,7 +87,7 @@ def mhla(
     else:
         _check_layout(layout, q.shape[1], block_size)
         num_blocks, block_size, where = layout.num_blocks, layout.block_size, repr(layout)
-    check_mixing(mixing, num_blocks, q.shape[2], where)
+    check_mixing(mixing, num_blocks, q.shape[2], where, q.device)
     if normalizer not in NORMALIZERS:
         raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
     s = default_scale(q.shape[-1], scale)
