@@ -23,24 +23,63 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
+def _positive(x: str) -> int:
+    n = int(x)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {x}")
+    return n
+
+
+def _count(x: str) -> int:
+    n = int(x)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {x}")
+    return n
+
+
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def read_text(path: Path, encoding: str | None) -> str:
+    """The file's text: `encoding`, else the one its byte-order mark names, else strict UTF-8.
+
+    A file that does not decode stops with its name, the byte offset and the fix (--encoding), instead
+    of turning into replacement characters (which tokenise to an all-<unk> dataset).
+    """
+    raw = path.read_bytes()
+    if encoding is None:
+        encoding = next((name for bom, name in BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"{path}: not valid {encoding} at byte {err.start} ({err.reason}); "
+                         "pass --encoding (e.g. utf-16, latin-1) for this file") from None
+    except LookupError:
+        raise SystemExit(f"--encoding {encoding!r} is not a codec Python knows") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help=".jsonl, .txt, or a dataset directory saved with save_to_disk")
     p.add_argument("--tokenizer", required=True, help="local tokenizer directory (AutoTokenizer.from_pretrained)")
     p.add_argument("--output", required=True, help="directory for datasets.save_to_disk")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=_positive, default=2048)
     p.add_argument("--text-field", default="text")
     p.add_argument("--split", default="train", help="split to read when --input is a saved DatasetDict")
     p.add_argument("--line-docs", action="store_true", help=".txt: one document per line")
-    p.add_argument("--batch-docs", type=int, default=1000, help="documents packed together")
-    p.add_argument("--val-docs", type=int, default=0, help="hold out the first N documents as a validation split")
-    p.add_argument("--max-docs", type=int, default=0, help="use at most N documents (0: all)")
+    p.add_argument("--batch-docs", type=_positive, default=1000, help="documents packed together")
+    p.add_argument("--val-docs", type=_count, default=0, help="hold out the first N documents as a validation split")
+    p.add_argument("--max-docs", type=_count, default=0, help="use at most N documents (0: all)")
+    p.add_argument("--encoding", default=None,
+                   help=".txt/.jsonl text encoding (default: the byte-order mark's, else strict UTF-8)")
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--no-bos", action="store_true", help="do not prepend the tokenizer's bos token")
     return p
 
 
-def read_documents(path: str, text_field: str = "text", split: str = "train", line_docs: bool = False):
+def read_documents(path: str, text_field: str = "text", split: str = "train", line_docs: bool = False,
+                   encoding: str | None = None):
     """A `datasets.Dataset` with one column `text_field`, one row per document."""
     import datasets
 
@@ -57,9 +96,9 @@ def read_documents(path: str, text_field: str = "text", split: str = "train", li
     if not src.is_file():
         raise SystemExit(f"input {src} does not exist")
     if src.suffix in (".jsonl", ".json"):
-        docs = [json.loads(line)[text_field] for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs = [json.loads(line)[text_field] for line in read_text(src, encoding).splitlines() if line.strip()]
     else:
-        text = src.read_text(encoding="utf-8", errors="replace")
+        text = read_text(src, encoding)
         parts = text.splitlines() if line_docs else text.split("\n\n")
         docs = [d.strip() for d in parts if d.strip()]
     return datasets.Dataset.from_dict({text_field: docs})
@@ -104,7 +143,9 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    ds = read_documents(args.input, args.text_field, args.split, args.line_docs)
+    ds = read_documents(args.input, args.text_field, args.split, args.line_docs, args.encoding)
+    if len(ds) == 0:
+        raise SystemExit(f"{args.input}: no documents (empty input, or only blank lines)")
     if args.max_docs:
         ds = ds.select(range(min(args.max_docs, len(ds))))
     print(f"{len(ds)} documents from {args.input}; tokenizer {args.tokenizer} (vocab {len(tokenizer)}, "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datasets
+import pytest
 from transformers import AutoTokenizer
 
-from mhla_nlp.prepare_data import main, pack
+from mhla_nlp.prepare_data import main, pack, read_documents
 
 from .helpers import make_corpus, make_tokenizer
 
@@ -66,3 +67,32 @@ def test_stdlib_corpus(tmp_path):
     assert tok.bos_token_id == 1 and tok.eos_token_id == 2
     text = "Return the number of items."
     assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_bad_sizes_stop_at_the_parser(tmp_path, capsys):
+    """--seq-len 0 used to loop forever; sizes are checked before any work (issue 14, item 8)."""
+    for flag, value in (("--seq-len", "0"), ("--seq-len", "-4"), ("--batch-docs", "0"), ("--max-docs", "-1")):
+        with pytest.raises(SystemExit) as err:
+            main(["--input", "x.txt", "--tokenizer", "t", "--output", str(tmp_path / "o"), flag, value])
+        assert err.value.code == 2
+        assert flag in capsys.readouterr().err
+
+
+def test_text_encodings(tmp_path):
+    text = "Grüße aus Köln.\n\nΚαλημέρα κόσμε.\n"
+    (tmp_path / "u8.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "u16.txt").write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    (tmp_path / "l1.txt").write_bytes("caf\xe9 cr\xe8me\n\nna\xefve\n".encode("latin-1"))
+    want = read_documents(str(tmp_path / "u8.txt"))["text"]
+    assert want == ["Grüße aus Köln.", "Καλημέρα κόσμε."]
+    assert read_documents(str(tmp_path / "u16.txt"))["text"] == want
+    with pytest.raises(SystemExit, match=r"l1\.txt: not valid utf-8 at byte 3.*--encoding"):
+        read_documents(str(tmp_path / "l1.txt"))
+    assert read_documents(str(tmp_path / "l1.txt"), encoding="latin-1")["text"] == ["café crème", "naïve"]
+
+
+def test_empty_input_is_named(tmp_path):
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(SystemExit, match="empty.txt: no documents"):
+        main(["--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "o")])
