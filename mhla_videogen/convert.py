@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -187,13 +188,20 @@ def convert_released(
     layers: str | list[int] = "auto",
     block_layout: tuple[int, int, int] | None = None,
     num_heads: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> MHLAWanTransformer3DModel:
     """`MHLAWanTransformer3DModel` from the authors' state dict (original Wan names + MHLA extras), loaded in full.
 
     `layers="auto"` takes the MHLA layer set from the keys; "hybrid", "full" or a list must agree with them.
     Gating always comes from the keys. Refuses (ConversionError) any unmatched, missing or mis-shaped key.
+    The model takes the checkpoint's float dtype; a checkpoint that mixes float dtypes needs `dtype`
+    (nothing is cast silently).
     """
     sd = original_to_diffusers(state_dict)
+    dtypes = sorted({str(v.dtype) for v in sd.values() if v.is_floating_point()})
+    if dtype is None and len(dtypes) > 1:
+        raise ConversionError(f"the checkpoint mixes float dtypes {dtypes}: give the model's dtype "
+                              "(--dtype float32, bfloat16 or float16) to cast them to one")
     found, gated, num_blocks = detect_mhla(sd)
     cfg = infer_config(sd, num_heads)
     if layers != "auto":
@@ -214,9 +222,23 @@ def convert_released(
         {**cfg, "mhla_layers": found, "block_layout": list(block_layout), "mhla_gated": gated,
          "mixing_init": "reference"}
     )
-    _move(model, torch.device("cpu"), sd["patch_embedding.weight"].dtype)
+    _move(model, torch.device("cpu"), dtype or sd["patch_embedding.weight"].dtype)
     load_strict(model, sd)
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a --dst that is a file, is the source's own folder, or already holds files (unless overwrite)."""
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"--dst {dst} is a file; give a folder for the diffusers model")
+    if dst.resolve() == src.resolve().parent:
+        raise ConversionError(f"--dst {dst} is the folder of --src {src}: writing there could replace the source; "
+                              "give another folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"--dst {dst} is not empty; pass --overwrite to write into it anyway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,13 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-layout", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
                    help=f"blocks along frames, height, width (default {DEFAULT_BLOCK_LAYOUT})")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: from g_norm, else dim/128)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="model dtype (default: the checkpoint's; required when it mixes float dtypes)")
+    p.add_argument("--overwrite", action="store_true", help="write into a --dst folder that is not empty")
     args = p.parse_args(argv)
     try:
-        model = convert_released(read_state_dict(args.src), args.layers, args.block_layout, args.num_heads)
+        _check_destination(Path(args.src), Path(args.dst), args.overwrite)
+        model = convert_released(read_state_dict(args.src), args.layers, args.block_layout, args.num_heads,
+                                 DTYPES[args.dtype] if args.dtype else None)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model.save_pretrained(args.dst)
+    if not (Path(args.dst) / "config.json").is_file():
+        print(f"error: save_pretrained wrote no config.json into {args.dst}", file=sys.stderr)
+        return 1
     c = model.config
     print(f"wrote {args.dst}: {c.num_layers} layers, MHLA on {len(c.mhla_layers)} ({c.mhla_layers}), "
           f"gated={c.mhla_gated}, block layout {tuple(c.block_layout)}")

@@ -173,7 +173,7 @@ def test_convert_cli(tmp_path, capsys):
     assert model.config.mhla_gated and model.config.mhla_layers == [1, 2]
     own = model.state_dict()
     assert all(torch.equal(own[name], sd[orig]) for orig, name in mapping.items())
-    assert main(args[:4] + ["--layers", "full", *layout]) == 1
+    assert main(args[:4] + ["--layers", "full", "--overwrite", *layout]) == 1
     assert "error: --layers 'full' means layers [0, 1, 2]" in capsys.readouterr().err
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "model.pt")
     assert main(["--src", str(tmp_path / "model.pt"), "--dst", str(tmp_path / "out2"), *layout]) == 0
@@ -186,3 +186,30 @@ def test_convert_keeps_bf16_and_gating_from_keys():
     assert not model.config.mhla_gated and model.blocks[1].attn1.g is None
     own = model.state_dict()
     assert all(own[name].dtype == torch.bfloat16 and torch.equal(own[name], sd[orig]) for orig, name in mapping.items())
+
+
+def test_convert_cli_destinations_and_dtypes(tmp_path, capsys):
+    """Issue 14 item 9: no silent no-op, no overwritten source, no silent cast."""
+    sd, _ = authors_state_dict([1, 2], gated=True)
+    src = tmp_path / "authors" / "model.safetensors"
+    src.parent.mkdir()
+    save_file(sd, src)
+    layout = ["--block-layout", "2", "2", "3"]
+    (tmp_path / "a_file").write_text("x")
+    for dst, msg in ((tmp_path / "a_file", "is a file"), (src.parent, "is the folder of --src")):
+        assert main(["--src", str(src), "--dst", str(dst), *layout]) == 1
+        assert msg in capsys.readouterr().err
+    assert src.is_file() and (tmp_path / "a_file").read_text() == "x"
+    out = tmp_path / "out"
+    assert main(["--src", str(src), "--dst", str(out), *layout]) == 0
+    assert main(["--src", str(src), "--dst", str(out), *layout]) == 1
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["--src", str(src), "--dst", str(out), "--overwrite", *layout]) == 0
+    mixed = {k: (v.half() if i % 2 else v) for i, (k, v) in enumerate(sd.items())}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    assert main(["--src", str(tmp_path / "mixed.safetensors"), "--dst", str(tmp_path / "m1"), *layout]) == 1
+    assert "mixes float dtypes" in capsys.readouterr().err
+    assert main(["--src", str(tmp_path / "mixed.safetensors"), "--dst", str(tmp_path / "m2"), "--dtype", "float32",
+                 *layout]) == 0
+    model = MHLAWanTransformer3DModel.from_pretrained(tmp_path / "m2")
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
