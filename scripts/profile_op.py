@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
+from scripts.bench_layout import _copies, _grid_order  # noqa: E402
 
 
 def main() -> None:
@@ -52,12 +54,8 @@ def main() -> None:
         q, k, v = qkv.unbind(dim=2)
         leaves = [qkv, w]
 
-        def op():
-            if args.copies:
-                qb, kb, vb = (layout.to_blocks(t) for t in (q, k, v))
-                return layout.from_blocks(mhla(qb, kb, vb, w, block_size=layout.block_size,
-                                               normalizer=args.normalizer, config=cfg))
-            return mhla(q, k, v, w, layout=layout, normalizer=args.normalizer, config=cfg)
+        op = partial(_copies if args.copies else _grid_order, q, k, v, w, layout,
+                     dict(normalizer=args.normalizer, config=cfg))
 
     def step():
         o = op()

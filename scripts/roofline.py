@@ -30,28 +30,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, choose_path  # noqa: E402
+from mhla_core.ops.triton_helpers import next_pow2  # noqa: E402
+from scripts.bench_ops import NONCAUSAL_CUDA  # noqa: E402
 
-SHAPES = [  # name, B, H, N, D, M (as in scripts/bench_ops.py)
-    ("DeiT-T 224", 128, 3, 256, 64, 16),
-    ("DiT-XL/2 256", 32, 16, 256, 72, 16),
-    ("DiT-XL/2 512", 16, 16, 1024, 72, 64),
-    ("1K D128", 8, 12, 1024, 128, 16),
-    ("DiT-XL/2 1024", 4, 16, 4096, 72, 256),
-    ("4K", 1, 12, 4096, 128, 64),
-    ("16K", 1, 12, 16384, 128, 64),
-    ("Wan 480p", 1, 12, 31500, 128, 150),
-    ("126K", 1, 12, 126000, 128, 600),
-]
+SHAPES = NONCAUSAL_CUDA  # (name, B, H, N, D, M): the shapes bench_ops times
 TOKEN_BYTES = 2  # bf16
-
-
-def _pow2(x: int) -> int:
-    return max(16, 1 << (x - 1).bit_length())
 
 
 def parallel(B: int, H: int, N: int, D: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one fwd+bwd on the parallel path."""
-    flops = 8 * 2.0 * N * N * _pow2(D) * B * H
+    flops = 8 * 2.0 * N * N * next_pow2(D) * B * H
     tokens = (4 + 8) * B * N * H * D * TOKEN_BYTES  # fwd q k v o; bwd q k v o dO dq dk dv
     return flops, tokens
 

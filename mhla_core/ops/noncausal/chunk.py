@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from mhla_core.ops.noncausal.launch import launch as _launch
+from mhla_core.ops.noncausal.launch import rowmap_args as _grid_args
 from mhla_core.ops.noncausal.launch import strides3 as _strides
 from mhla_core.ops.noncausal.mix import _dw_partials, _mix, _mixing3
 from mhla_core.ops.noncausal.state_config import StateConfig
@@ -561,11 +562,6 @@ def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int, cf
     direct = (M + 1) * tok * _pow2(L) / L / flops + tokens / bw  # whole block = one tile
     state = 2 * tok / flops + 2.0 * M * states / flops + (tokens + 3 * states) / bw
     return direct < state + 2 * cfg.cost_launch
-
-
-def _grid_args(rowmap: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(map pointer, GRID): the row map of a grid layout, or any tensor (unread) for block-major tokens."""
-    return (fallback, False) if rowmap is None else (rowmap, True)
 
 
 def _states(p: Plan, q, k, v, scale: float, rowmap=None) -> torch.Tensor:

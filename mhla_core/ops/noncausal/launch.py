@@ -10,6 +10,16 @@ def strides3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def block_positions(q: torch.Tensor, rowmap: torch.Tensor | None) -> int:
+    """Block-major token positions M L: N, or more when a grid layout pads its blocks."""
+    return q.shape[1] if rowmap is None else rowmap.numel()
+
+
+def rowmap_args(rowmap: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(map pointer, GRID) of a launch: a grid layout's row map, or any tensor (unread) for block-major tokens."""
+    return (fallback, False) if rowmap is None else (rowmap, True)
+
+
 # (kernel name, constexprs) -> constexpr / launch overrides found after an out-of-resources failure
 FALLBACK: dict[tuple, dict] = {}
 

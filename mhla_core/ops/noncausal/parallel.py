@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mhla_core.ops.noncausal.launch import block_positions, rowmap_args
 from mhla_core.ops.noncausal.launch import strides3 as _strides
 from mhla_core.ops.triton_helpers import INTERPRET
 from mhla_core.ops.triton_helpers import cast as _cast
@@ -539,9 +540,8 @@ def _precisions(dtype: torch.dtype) -> dict:
 
 def _grid_args(rowmap: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     """(map pointer, N block-major positions, GRID) for block-major tokens or a grid layout's row map."""
-    if rowmap is None:
-        return q, q.shape[1], False
-    return rowmap, rowmap.numel(), True
+    mp, grid = rowmap_args(rowmap, q)
+    return mp, block_positions(q, rowmap), grid
 
 
 def _mix_chunk(M: int) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from mhla_core.ops.noncausal import chunk as K
 from mhla_core.ops.noncausal import parallel as P
+from mhla_core.ops.noncausal.launch import block_positions
 from mhla_core.ops.noncausal.mix import _mixing3
 from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, PATHS, NoncausalConfig, choose_path
 
@@ -41,11 +42,6 @@ def _prepare(q, k, v):
     return tuple(_unit_stride(t.to(dt)) for t in (q, k, v))
 
 
-def _positions(q: torch.Tensor, rowmap: torch.Tensor | None) -> int:
-    """Block-major token positions M L: N, or more when a grid layout pads its blocks."""
-    return q.shape[1] if rowmap is None else rowmap.numel()
-
-
 def _path(q_, v_, block_size: int, n_pos: int, cfg: NoncausalConfig) -> str:
     B, _, H, DK = q_.shape
     return choose_path(B, H, n_pos, block_size, DK, v_.shape[-1], q_.element_size(), cfg)
@@ -59,7 +55,7 @@ def _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, sc
     out_dtype = v.dtype
     q_, k_, v_ = _prepare(q, k, v)
     B, _, H, _ = q.shape
-    n_pos = _positions(q, rowmap)
+    n_pos = block_positions(q, rowmap)
     norm = _norm_mode(normalize, normalizer)
     if q_.numel() and v_.numel() and _path(q_, v_, block_size, n_pos, cfg) == "parallel":
         w3, sw_h = _mixing3(mixing)
@@ -79,7 +75,7 @@ def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normaliz
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mixing)
     do_ = _unit_stride(do.to(v_.dtype))
     norm = _norm_mode(normalize, normalizer)
-    if _path(q_, v_, block_size, _positions(q, rowmap), cfg) == "parallel":
+    if _path(q_, v_, block_size, block_positions(q, rowmap), cfg) == "parallel":
         w3, sw_h = _mixing3(mixing)
         o_ = _unit_stride(o.to(v_.dtype))
         dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
@@ -142,7 +138,7 @@ def noncausal_fwd(
 @noncausal_fwd.register_fake
 def _(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, scale, path):
     B, _, H, _ = q.shape
-    return v.new_empty(v.shape), q.new_empty((B * H, _positions(q, rowmap)), dtype=torch.float32)
+    return v.new_empty(v.shape), q.new_empty((B * H, block_positions(q, rowmap)), dtype=torch.float32)
 
 
 @torch.library.custom_op("mhla::noncausal_bwd", mutates_args=())
