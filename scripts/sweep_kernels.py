@@ -1,11 +1,13 @@
 """Where the non-causal MHLA kernels spend their time, and a small launch-parameter sweep (CUDA).
 
-    python scripts/sweep_kernels.py [--markdown out.md]
+    python scripts/sweep_kernels.py [--shapes Wan 126K ...] [--variants ...] [--profile default ...] [--markdown out.md]
 
-1. Per-kernel CUDA time (torch.profiler) of one forward+backward at the Wan and 126K shapes.
-2. For a few variants of the state path's settings (`StateConfig`: launch tiles, `mix_prec_half`), each
-   passed as `NoncausalConfig(state=...)`: forward and forward+backward medians (triton.testing.do_bench)
-   and the forward's relative error against the fp32 reference.
+1. Per-kernel CUDA time (torch.profiler) of one forward+backward at the first two shapes, for the
+   variants named by --profile.
+2. For variants of the state path's settings (`StateConfig`: launch tiles, `mix_prec_half`,
+   `state_dtype`), each passed as `NoncausalConfig(state=...)`: forward and forward+backward medians
+   (triton.testing.do_bench) and the relative errors of o and of the largest of the four gradients
+   against the fp32 PyTorch reference, at the state path's shapes of issue 12.
 """
 
 from __future__ import annotations
@@ -22,35 +24,56 @@ from mhla_core import NoncausalConfig, StateConfig, mhla
 from mhla_core.ops.noncausal import launch as LAUNCH
 from mhla_core.ops.noncausal.state_config import default_state_config
 
-SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600)}
+SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600),
+          "DiT-XL/2 512": (16, 16, 1024, 72, 64), "DiT-XL/2 1024": (4, 16, 4096, 72, 256),
+          "4K": (1, 12, 4096, 128, 64)}
 TOKEN_KERNELS = ("state_kernel", "out_kernel", "bwd_q_kernel", "bwd_kv_kernel")
+NORMS = {"exact": {}, "reference": {"normalizer": "reference"}, "none": {"normalize": False}}
+BF16 = {"state_dtype": "bfloat16"}
+ROWS128 = {"mix_kernel": {"block_i": 64, "block_i_large": 128, "block_j": 64, "block_c": 128}}
 # changes to the default StateConfig: a dict changes fields of that launch setting, anything else is the value
 VARIANTS = {
     "default": {},
-    "state/out BLOCK_T 128": {"state_kernel": {"block_t": 128}, "out_kernel": {"block_t": 128}},
-    "warps 4": {k: {"num_warps": 4} for k in TOKEN_KERNELS},
-    "mix J64 C128": {"mix_kernel": {"block_j": 64, "block_c": 128}, "dw_kernel": {"block_c": 128}},
     "mix bf16": {"mix_prec_half": "bf16"},
-    "stages 3": {k: {"num_stages": 3} for k in TOKEN_KERNELS},
+    "mix I128 J64 C128": ROWS128,
+    "bf16 states": BF16,
+    "bf16 states, mix I128 J64 C128": {**BF16, **ROWS128},
+    "bf16 states, mix I64 J64 C128 w4": {
+        **BF16, "mix_kernel": {"block_i": 32, "block_i_large": 64, "block_j": 64, "block_c": 128, "num_warps": 4}},
+    "bf16 states, mix I128, bwd_q T64": {**BF16, **ROWS128, "bwd_q_kernel": {"block_t": 64}},
+    "bf16 states, mix I128, bf16 bwd, bwd_q T64": {
+        **BF16, **ROWS128, "bwd_tf32_half": False, "bwd_q_kernel": {"block_t": 64}},
 }
+
+TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bench(fn) -> float:
+    return do_bench(fn, return_mode="median") if DEVICE == "cuda" else float("nan")
 
 
 def _inputs(shape):
     B, H, N, D, M = shape
-    q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    W = torch.rand(M, M, device="cuda").requires_grad_()
+    q, k, v = (torch.rand(B, N, H, D, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    W = torch.rand(M, M, device=DEVICE).requires_grad_()
     return q, k, v, W, N // M
 
 
-def per_kernel(shape) -> list[tuple[str, float]]:
+def per_kernel(shape, cfg: NoncausalConfig, norm: dict) -> list[tuple[str, float]]:
     q, k, v, W, L = _inputs(shape)
     dout = torch.randn_like(v)
+
+    def step():
+        torch.autograd.grad(mhla(q, k, v, W, block_size=L, backend="triton", config=cfg, **norm), [q, k, v, W],
+                            dout)
+
     for _ in range(2):
-        torch.autograd.grad(mhla(q, k, v, W, block_size=L, backend="triton"), [q, k, v, W], dout)
+        step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            torch.autograd.grad(mhla(q, k, v, W, block_size=L, backend="triton"), [q, k, v, W], dout)
+            step()
         torch.cuda.synchronize()
     times: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
@@ -59,17 +82,29 @@ def per_kernel(shape) -> list[tuple[str, float]]:
     return sorted(times.items(), key=lambda kv: -kv[1])
 
 
-def time_variant(q, k, v, W, L, dout, ref, cfg: NoncausalConfig) -> tuple[float, float, float]:
-    """Forward and forward+backward medians (ms) and the forward's relative error against `ref`."""
+def time_variant(q, k, v, W, L, dout, ref, cfg: NoncausalConfig, norm: dict) -> tuple[float, float, float, float]:
+    """Forward and forward+backward medians (ms), the output's and the largest gradient's relative error
+    against `ref` (o, dq, dk, dv, dW of the fp32 reference)."""
 
     def fwd():
-        return mhla(q, k, v, W, block_size=L, backend="triton", config=cfg)
+        return mhla(q, k, v, W, block_size=L, backend="triton", config=cfg, **norm)
 
+    out = fwd()
+    grads = torch.autograd.grad(out, [q, k, v, W], dout)
+    errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([out, *grads], ref)]
+    del out, grads
     with torch.no_grad():
-        err = ((fwd().float() - ref).norm() / ref.norm()).item()
-        t_fwd = do_bench(fwd, return_mode="median")
-    t_fb = do_bench(lambda: torch.autograd.grad(fwd(), [q, k, v, W], dout), return_mode="median")
-    return t_fwd, t_fb, err
+        t_fwd = _bench(fwd)
+    t_fb = _bench(lambda: torch.autograd.grad(fwd(), [q, k, v, W], dout))
+    return t_fwd, t_fb, errs[0], max(errs[1:])
+
+
+def reference(q, k, v, W, L, dout, norm: dict) -> list[torch.Tensor]:
+    """o and the four gradients of the fp32 PyTorch reference."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)] + [W.detach().clone().requires_grad_()]
+    out = mhla(*leaves, block_size=L, backend="torch", **norm)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    return [out.detach(), *grads]
 
 
 def variant_config(variant: dict, base: StateConfig) -> NoncausalConfig:
@@ -77,36 +112,49 @@ def variant_config(variant: dict, base: StateConfig) -> NoncausalConfig:
     changes = {name: replace(getattr(base, name), **value) if isinstance(value, dict) else value
                for name, value in variant.items()}
     LAUNCH.FALLBACK.clear()
-    return NoncausalConfig(state=replace(base, **changes))
+    return NoncausalConfig(path="state", state=replace(base, **changes))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--norm", choices=list(NORMS), default="exact", help="normaliser of every call")
+    ap.add_argument("--tiny", action="store_true", help="one tiny shape, no timing, no profile (interpreter)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--profile", nargs="*", default=["default"], choices=list(VARIANTS),
+                    help="variants whose per-kernel CUDA time is listed (at the first two shapes)")
     args = ap.parse_args()
+    shapes = TINY if args.tiny else {name: SHAPES[name] for name in args.shapes}
     base = default_state_config()
-    out = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n"]
-    for name, shape in SHAPES.items():
-        rows = per_kernel(shape)
-        total = sum(t for _, t in rows)
-        out.append(f"\n### Per-kernel CUDA time of one fwd+bwd, {name} {shape}: {total:.3f} ms\n")
-        out.append("| kernel | ms | share |\n|---|---|---|")
-        out += [f"| `{k[:70]}` | {t:.3f} | {100 * t / total:.0f}% |" for k, t in rows[:10]]
-    out.append("\n### Launch variants (bf16, medians)\n\n| shape | variant | fwd ms | fwd+bwd ms | fwd rel err |\n"
-               "|---|---|---|---|---|")
-    for name, shape in SHAPES.items():
+    card = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (interpreter)"
+    out = [f"{card}, torch {torch.__version__}\n"]
+    for pname in [] if args.tiny else args.profile:
+        for name, shape in list(shapes.items())[:2]:
+            rows = per_kernel(shape, variant_config(VARIANTS[pname], base), NORMS[args.norm])
+            total = sum(t for _, t in rows)
+            out.append(f"\n### Per-kernel CUDA time of one fwd+bwd, {name} {shape}, {pname}: {total:.3f} ms\n")
+            out.append("| kernel | ms | share |\n|---|---|---|")
+            out += [f"| `{k[:70]}` | {t:.3f} | {100 * t / total:.0f}% |" for k, t in rows[:10]]
+            print("\n".join(out[-12:]), flush=True)
+    out.append(f"\n### Launch variants (bf16, normaliser {args.norm}, medians; errors against the fp32 reference)\n\n"
+               "| shape | variant | fwd ms | fwd+bwd ms | o rel err | largest grad rel err |\n"
+               "|---|---|---|---|---|---|")
+    for name, shape in shapes.items():
         q, k, v, W, L = _inputs(shape)
         dout = torch.randn_like(v)
-        with torch.no_grad():
-            ref = mhla(q.float(), k.float(), v.float(), W, block_size=L, backend="torch")
-        for vname, variant in VARIANTS.items():
+        ref = reference(q, k, v, W, L, dout, NORMS[args.norm])
+        for vname in args.variants:
             try:
-                cfg = variant_config(variant, base)
-                fwd, fb, err = time_variant(q, k, v, W, L, dout, ref, cfg)
-                out.append(f"| {name} | {vname} | {fwd:.3f} | {fb:.3f} | {err:.1e} |")
+                cfg = variant_config(VARIANTS[vname], base)
+                fwd, fb, err, gerr = time_variant(q, k, v, W, L, dout, ref, cfg, NORMS[args.norm])
+                out.append(f"| {name} | {vname} | {fwd:.3f} | {fb:.3f} | {err:.1e} | {gerr:.1e} |")
             except Exception as e:  # a variant that does not compile is reported, not fatal
-                out.append(f"| {name} | {vname} | error: {type(e).__name__} {str(e)[:50]} | | |")
+                out.append(f"| {name} | {vname} | error: {type(e).__name__} {str(e)[:50]} | | | |")
             print(out[-1], flush=True)
+        del ref
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     text = "\n".join(out)
     print(text)
     if args.markdown:

@@ -155,6 +155,7 @@ def test_state_variant_choice():
     (lambda: StateConfig(direct_max_m=0), "direct_max_m"),
     (lambda: StateConfig(cost_bw=-1.0), "cost_bw"),
     (lambda: StateConfig(bwd_tf32_half=1), "bwd_tf32_half"),
+    (lambda: StateConfig(state_dtype="float16"), "state_dtype"),
     (lambda: StateConfig(mix_kernel={"block_i": 64}), "mix_kernel"),
     (lambda: TokenLaunch(block_t=48), "block_t"),
     (lambda: TokenLaunch(num_warps=3), "num_warps"),
@@ -335,3 +336,32 @@ def test_mixing_implementations(mix_impl, mix_prec, per_head):
     cfg = _config("state", mix_impl=mix_impl, mix_prec_half=mix_prec)
     err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16, config=cfg)
     assert err < TOL[torch.bfloat16], errs
+
+
+@pytest.mark.parametrize("variant", ["state", "direct"])
+@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_states(variant, normalize, normalizer, dtype):
+    """State rows stored in bf16 (StateConfig.state_dtype): o and all four gradients within the half tolerance."""
+    cfg = _config(variant, state_dtype="bfloat16")
+    err, errs = _compare(2, 2, 5, 6, 16, 16, False, normalize, normalizer, dtype=dtype, config=cfg)
+    assert err < TOL[dtype], errs
+
+
+def test_bf16_states_several_dv_tiles_and_row_tiles():
+    """bf16 states with two Dv tiles (not in place) and M above the mixing kernel's one-tile limit."""
+    cfg = _config("state", state_dtype="bfloat16", max_block_dv=16,
+                  mix_kernel=MixLaunch(block_i=16, block_i_large=16, block_j=16, block_c=64, num_warps=4,
+                                       num_stages=1))
+    err, errs = _compare(1, 2, 20, 4, 16, 32, True, True, "reference", dtype=torch.bfloat16, config=cfg)
+    assert err < TOL[torch.bfloat16], errs
+
+
+def test_bf16_states_buffer_dtype():
+    """The plan stores bf16 states for half inputs only; fp32 inputs keep fp32 states."""
+    cfg = replace(default_state_config(), state_dtype="bfloat16")
+    for dtype, want in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.bfloat16),
+                        (torch.float32, torch.float32)):
+        q = torch.empty(1, 4 * 16, 2, 16, dtype=dtype)
+        plan = K.make_plan(q, q, 16, 4, K.NORM_EXACT, cfg)
+        assert plan.xdt == want and not plan.mix_bf16

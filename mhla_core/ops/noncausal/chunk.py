@@ -1,7 +1,9 @@
 """The block-state ("chunk") path of non-causal MHLA (docs/spec.md section 1): kernels and launchers.
 
 Notation: s = scale, q' = s q, blocks i (query side) and j (key side) of L tokens, W [M, M] per head.
-A block's *state row* is the fp32 vector X_j = [S_j (Dk*Dv) | z_j (Dk) | p_j (L)], where
+A block's *state row* is the vector X_j = [S_j (Dk*Dv) | z_j (Dk) | p_j (L)] (fp32; with
+`StateConfig.state_dtype="bfloat16"` X and the forward's X~ are bf16, the backward's X~ and the state
+gradients fp32, and its X too for the exact normaliser), where
 S_j = K_j^T V_j, z_j = K_j^T 1 and p_{j,w} = q'_{j,w} . z_j. The z part exists when normalize=True,
 the p part only for normalizer="reference". One GEMM over blocks mixes every part at once:
 X~ = W X, i.e. S~_i, z~_i and p~_i = sum_j W[i,j] p_j (the reference denominator minus eps).
@@ -181,10 +183,11 @@ def _state_kernel(
         if NORM > 0:
             z_acc += tl.sum(kt.to(tl.float32), axis=0)
     row = x_ptr + (bh * M + j).to(tl.int64) * RS
-    tl.store(row + offs_k[:, None] * DV + offs_v[None, :], s_acc, mask=mk[:, None] & mv[None, :])
+    xdt = x_ptr.dtype.element_ty
+    tl.store(row + offs_k[:, None] * DV + offs_v[None, :], _cast(s_acc, xdt), mask=mk[:, None] & mv[None, :])
     if NORM > 0:
         if jv == 0:
-            tl.store(row + DK * DV + offs_k, z_acc, mask=mk)
+            tl.store(row + DK * DV + offs_k, _cast(z_acc, xdt), mask=mk)
             if NORM == 2:
                 qb = _block_ptr(q_ptr, b, h, j, L, sq_b, sq_t, sq_h, GRID)
                 for t0 in range(0, L, BLOCK_T):
@@ -193,7 +196,7 @@ def _state_kernel(
                     rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
                     qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
                     p = tl.sum(qt.to(tl.float32) * z_acc[None, :], axis=1) * scale
-                    tl.store(row + DK * DV + DK + tt, p, mask=mt)
+                    tl.store(row + DK * DV + DK + tt, _cast(p, xdt), mask=mt)
 
 
 
@@ -219,7 +222,7 @@ def _out_kernel(
     else:
         s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if NORM == 1:
-            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
+            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
     qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
     ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h, GRID)
     if SF32:  # fp16 inputs: keep the state in fp32 (its entries may exceed the fp16 range)
@@ -240,7 +243,7 @@ def _out_kernel(
             if DIRECT:
                 den = p_m + eps
             else:
-                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0) + eps
+                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0).to(tl.float32) + eps
             num = num / den[:, None]
         tl.store(ob + rr[:, None] * so_t + offs_v[None, :], _cast(num, o_ptr.dtype.element_ty),
                  mask=mr[:, None] & mv[None, :])
@@ -274,8 +277,9 @@ def _bwd_q_kernel(
     else:
         s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if NORM == 1:
-            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0)
+            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
     dt = q_ptr.dtype.element_ty
+    xdt = dx_ptr.dtype.element_ty
     if HP:
         sdt = tl.float32
     else:
@@ -299,7 +303,7 @@ def _bwd_q_kernel(
             elif DIRECT:
                 den = p_m + eps
             else:
-                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0) + eps
+                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0).to(tl.float32) + eps
             # c = dL/dden = -(dO . num) / den^2 over all of Dv, num = q' S~ recomputed
             if NUM_DV_TILES == 1:
                 num = _dot(q_op, s_op, None, HP_PREC)
@@ -322,7 +326,7 @@ def _bwd_q_kernel(
             dz_acc += tl.sum(qt.to(tl.float32) * c[:, None], axis=0)
         if jv == 0:
             if NORM == 2:
-                tl.store(drow + DK * DV + DK + tt, c, mask=mt)
+                tl.store(drow + DK * DV + DK + tt, _cast(c, xdt), mask=mt)
             if NUM_DV_TILES == 1:
                 dqt = _dot(_cast(g, sdt), tl.trans(s_op), None, HP_PREC)
             else:
@@ -342,10 +346,11 @@ def _bwd_q_kernel(
                      mask=mr[:, None] & mk[None, :])
     if INPLACE:
         tl.debug_barrier()
-    tl.store(drow + offs_k[:, None] * DV + offs_v[None, :], ds_acc * scale, mask=mk[:, None] & mv[None, :])
+    tl.store(drow + offs_k[:, None] * DV + offs_v[None, :], _cast(ds_acc * scale, xdt),
+             mask=mk[:, None] & mv[None, :])
     if NORM > 0:
         if jv == 0:
-            tl.store(drow + DK * DV + offs_k, dz_acc * scale, mask=mk)
+            tl.store(drow + DK * DV + offs_k, _cast(dz_acc * scale, xdt), mask=mk)
 
 
 @triton.jit
@@ -388,24 +393,24 @@ def _bwd_kv_kernel(
             wij = tl.load(w_ptr + h * sw_h + i * M + j)
             row_i = base + i * RS
             dst = tl.load(row_i + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :],
-                          other=0.0)
+                          other=0.0).to(tl.float32)
             ds += wij * dst
             dwij = tl.sum(tl.sum(dst * s_j, axis=1), axis=0)
             if NORM > 0:
-                dzt = tl.load(row_i + DK * DV + offs_k, mask=mk, other=0.0)
+                dzt = tl.load(row_i + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
                 dz += wij * dzt
                 dwij += tl.sum(dzt * z_j, axis=0)
                 if NORM == 2:
-                    ct = tl.load(row_i + DK * DV + DK + offs_t, mask=mt, other=0.0)
+                    ct = tl.load(row_i + DK * DV + DK + offs_t, mask=mt, other=0.0).to(tl.float32)
                     dp += wij * ct
                     dwij += tl.sum(ct * p_j, axis=0)
             tl.store(dwp_ptr + (bh * M + i).to(tl.int64) * M + j, dwij)
     else:
         ds = tl.load(drow + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if NORM > 0:
-            dz = tl.load(drow + DK * DV + offs_k, mask=mk, other=0.0)
+            dz = tl.load(drow + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
             if NORM == 2:
-                z_j = tl.load(z_ptr + (bh * M + j).to(tl.int64) * DK + offs_k, mask=mk, other=0.0)
+                z_j = tl.load(z_ptr + (bh * M + j).to(tl.int64) * DK + offs_k, mask=mk, other=0.0).to(tl.float32)
     if NORM == 2:
         if jv == 0:
             # reference normaliser: dz_j += s Q_j^T dp_j and dq_{j,w} += s dp_{j,w} z_j
@@ -416,7 +421,7 @@ def _bwd_kv_kernel(
                 if DIRECT:
                     dp_t = dp
                 else:
-                    dp_t = tl.load(drow + DK * DV + DK + tt, mask=mt, other=0.0)
+                    dp_t = tl.load(drow + DK * DV + DK + tt, mask=mt, other=0.0).to(tl.float32)
                 rr, mr = _block_rows(map_ptr, j, tt, mt, L, GRID)
                 qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
                 dz += tl.sum(qt.to(tl.float32) * dp_t[:, None], axis=0) * scale
@@ -487,6 +492,7 @@ class Plan:
     mix_bf16: bool
     hp: bool  # fp32 (tf32) operands for the S~ products of the backward
     sf32: bool  # fp16 inputs: fp32 (tf32) operands for every product with a state
+    xdt: torch.dtype  # storage dtype of X (the block states) and of the forward's X~
     config: StateConfig  # the launch settings the launchers read
 
     def token_block(self, name: str) -> int:
@@ -544,11 +550,13 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int, cfg:
         direct = cfg.variant == "direct" and L <= 128 and n_dv == 1
     C = DK * DV + (DK if norm > 0 else 0) + (L if norm == NORM_REFERENCE else 0)
     mix = "ieee" if fp32 else cfg.mix_prec_half
+    xdt = torch.bfloat16 if cfg.state_dtype == "bfloat16" and not fp32 else torch.float32
     return Plan(
         B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, _cdiv(C, 32) * 32,
-        prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix, mix_bf16=mix == "bf16",
+        prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix,
+        mix_bf16=mix == "bf16",
         hp=not fp32 and (cfg.bwd_tf32_half or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
-        config=cfg,
+        xdt=xdt, config=cfg,
     )
 
 
@@ -564,9 +572,9 @@ def _direct_is_cheaper(BH: int, M: int, L: int, dk: int, dv: int, esize: int, cf
     return direct < state + 2 * cfg.cost_launch
 
 
-def _states(p: Plan, q, k, v, scale: float, rowmap=None) -> torch.Tensor:
-    """X [B * H, M, RS] fp32."""
-    x = torch.empty((p.B * p.H, p.M, p.row_stride), dtype=torch.float32, device=q.device)
+def _states(p: Plan, q, k, v, scale: float, rowmap=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """X [B * H, M, RS] in `dtype` (default the plan's state dtype)."""
+    x = torch.empty((p.B * p.H, p.M, p.row_stride), dtype=p.xdt if dtype is None else dtype, device=q.device)
     mp, grid = _grid_args(rowmap, x)
     _launch(
         _state_kernel, (p.M, p.n_dv, p.B * p.H),
@@ -608,8 +616,9 @@ def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: S
              rowmap=None):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ..., cfg).
 
-    State path buffers ([B * H, M, RS] fp32): X (recomputed) and X~, which becomes dX~ and then
-    dX in place, so at most two are alive; dk and dv are allocated after X is freed.
+    State path buffers ([B * H, M, RS]): X (recomputed in the plan's state dtype, fp32 for the exact
+    normaliser) and X~ (fp32), which
+    becomes dX~ and then dX in place, so at most two are alive; dk and dv are allocated after X is freed.
     """
     w3, sw_h = _mixing3(w)
     p = make_plan(q, v, L, w3.shape[-1], norm, cfg)
@@ -624,8 +633,11 @@ def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: S
         dxt = torch.empty((BH, p.M, p.row_stride), dtype=torch.float32, device=q.device)
         inplace = False
     else:
-        x = _states(p, q, k, v, scale, rowmap)
-        xm = _mix(p, w3, sw_h, x, trans=False, inplace_ok=False)
+        # The backward's mixed states and their gradients are fp32. With the exact normaliser dq is a
+        # difference of two close terms (S~ g and c z~), and bf16 S_j, z_j there cost 10x its accuracy
+        # (interpreter, M = 40, L = 30: 3.9e-2 vs 1.7e-3), so X is recomputed in fp32 too.
+        x = _states(p, q, k, v, scale, rowmap, torch.float32 if norm == NORM_EXACT else None)
+        xm = _mix(p, w3, sw_h, x, trans=False, inplace_ok=False, out_dtype=torch.float32)
         inplace = p.n_dv == 1  # with several Dv tiles, program 0 reads all of S~_i while others write
         dxt = xm if inplace else torch.empty_like(xm)
     _launch(

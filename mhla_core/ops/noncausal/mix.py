@@ -1,9 +1,9 @@
 """Block mixing of the non-causal state path: X~ = W X over blocks for every (b, h), and dW.
 
-A block's state row X_j (fp32, `chunk.py`) is mixed by one GEMM over blocks per (b, h): X~ = W X
-forward, dX = W^T dX~ backward, either by `_mix_kernel` (in place when one program covers all M
-rows) or by one broadcast cuBLAS GEMM (`StateConfig.mix_impl`). dW = sum_b dX~ X^T comes from
-`_dw_kernel`'s partial sums over column splits.
+A block's state row X_j (fp32, or bf16 with `StateConfig.state_dtype`; `chunk.py`) is mixed by one
+GEMM over blocks per (b, h): X~ = W X forward, dX = W^T dX~ backward, either by `_mix_kernel` (in
+place when one program covers all M rows) or by one broadcast cuBLAS GEMM (`StateConfig.mix_impl`).
+dW = sum_b dX~ X^T comes from `_dw_kernel`'s partial sums over column splits.
 """
 
 from __future__ import annotations
@@ -53,12 +53,13 @@ def _mix_kernel(
         x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
         if AS_BF16:
             acc = _dot(_cast(w, tl.bfloat16), _cast(x, tl.bfloat16), acc, PREC)
-        else:
-            acc = _dot(w, x, acc, PREC)
+        else:  # bf16 states mixed into fp32 are widened exactly
+            acc = _dot(w, x.to(tl.float32), acc, PREC)
     if INPLACE:
         tl.debug_barrier()
     yb = y_ptr + (bh * M).to(tl.int64) * RS
-    tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], acc, mask=mi[:, None] & mc[None, :])
+    tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], _cast(acc, y_ptr.dtype.element_ty),
+             mask=mi[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -88,8 +89,8 @@ def _dw_kernel(
         x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
         if AS_BF16:
             acc = _dot(_cast(a, tl.bfloat16), tl.trans(_cast(x, tl.bfloat16)), acc, PREC)
-        else:
-            acc = _dot(a, tl.trans(x), acc, PREC)
+        else:  # bf16 states X are widened exactly
+            acc = _dot(a.to(tl.float32), tl.trans(x.to(tl.float32)), acc, PREC)
     pb = p_ptr + ((bh * n_split + sp) * M).to(tl.int64) * M
     tl.store(pb + offs_i[:, None] * M + offs_j[None, :], acc, mask=mi[:, None] & mj[None, :])
 
@@ -102,23 +103,28 @@ def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     return w3, w3.stride(0)
 
 
-def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`)."""
+def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`),
+    in `out_dtype` (default x.dtype). bf16 states mixed into bf16 take bf16 operands (W rounded too);
+    mixed into fp32 they are widened exactly and multiplied in the plan's mixing precision."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     if p.config.mix_impl == "matmul":
-        return _mix_matmul(p, w3, x, trans)
-    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok)
+        return _mix_matmul(p, w3, x, trans).to(out_dtype)
+    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok and out_dtype == x.dtype, out_dtype)
 
 
 def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
-    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"`).
+    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"` or
+    bf16 states).
 
     Columns past p.row (row padding) are multiplied too; each output column depends only on the same
     input column, so whatever they hold never reaches the used columns.
     """
     w = w3.transpose(-1, -2) if trans else w3
     xv = x.view(p.B, p.H, p.M, p.row_stride)
-    if p.mix_bf16:
-        return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).float().view_as(x)
+    if p.mix_bf16 or x.dtype == torch.bfloat16:  # bf16 operands
+        return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).to(x.dtype).view_as(x)
     allow = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = p.mix_prec == "tf32"
     try:
@@ -127,19 +133,21 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
         torch.backends.cuda.matmul.allow_tf32 = allow
 
 
-def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool) -> torch.Tensor:
-    """The mixing as a Triton kernel; in place when one program covers all M rows."""
+def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The mixing as a Triton kernel; in place when allowed and one program covers all M rows."""
     cfg = p.config.mix_kernel
     bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
     n_i = _cdiv(p.M, bi)
     inplace = inplace_ok and n_i == 1
-    y = x if inplace else torch.empty_like(x)
+    y = x if inplace else torch.empty_like(x, dtype=x.dtype if out_dtype is None else out_dtype)
+    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16)
     bc = min(cfg.block_c, _pow2(p.row))
     _launch(
         _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),
         (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride),
         dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_J=min(cfg.block_j, _pow2(p.M)), BLOCK_C=bc,
-             PREC=p.mix_prec, AS_BF16=p.mix_bf16, INPLACE=inplace),
+             PREC=p.mix_prec, AS_BF16=as_bf16, INPLACE=inplace),
         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     return y

@@ -17,6 +17,7 @@ from mhla_core.ops.utils import INTERPRET
 VARIANTS = ("auto", "state", "direct")
 MIX_IMPLS = ("triton", "matmul")
 MIX_PRECS = ("tf32", "tf32x3", "ieee", "bf16")
+STATE_DTYPES = ("float32", "bfloat16")
 
 
 def _is_int(x) -> bool:
@@ -126,6 +127,11 @@ class StateConfig:
         faster only at 126K tokens, fwd+bwd 11.7 vs 13.0 ms, with one more state buffer).
     bwd_tf32_half: half inputs: the backward's products with S~ (numerator recompute, dq) use tf32
         operands instead of bf16 / fp16.
+    state_dtype: storage of the block states X and of the forward's mixed states X~ for half inputs:
+        "float32", or "bfloat16" (half their bytes; the mixing of bf16 states takes bf16 operands,
+        accumulation stays fp32). The backward's X~ and the state gradients stay fp32, and so does its X
+        for the exact normaliser: there dq is a difference of two close terms, which bf16 states cost
+        10x its accuracy. fp32 inputs keep fp32 states.
     """
 
     variant: str = "auto"
@@ -149,12 +155,15 @@ class StateConfig:
     mix_prec_half: str = "tf32"
     mix_impl: str = "triton"
     bwd_tf32_half: bool = True
+    state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"StateConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.mix_impl not in MIX_IMPLS:
             raise ValueError(f"StateConfig.mix_impl must be one of {MIX_IMPLS}, got {self.mix_impl!r}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"StateConfig.state_dtype must be one of {STATE_DTYPES}, got {self.state_dtype!r}")
         if self.mix_prec_half not in MIX_PRECS:
             raise ValueError(f"StateConfig.mix_prec_half must be one of {MIX_PRECS}, got {self.mix_prec_half!r}")
         for name, kind in _LAUNCH_TYPES.items():
@@ -189,4 +198,4 @@ def default_state_config() -> StateConfig:
 
 
 __all__ = ["StateConfig", "TokenLaunch", "Launch", "MixLaunch", "DwLaunch", "default_state_config",
-           "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS"]
+           "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS", "STATE_DTYPES"]
