@@ -20,6 +20,7 @@ from mhla_core.ops.noncausal.plan import NoncausalConfig  # noqa: E402
 from mhla_core.ops.noncausal.state_config import (  # noqa: E402
     DwLaunch,
     MixLaunch,
+    MixStationaryLaunch,
     StateConfig,
     TokenLaunch,
     default_state_config,
@@ -329,10 +330,11 @@ def test_fp16_state_beyond_fp16_range(path):
     assert torch.isfinite(out).all() and _rel(out.cpu(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("mix_impl,mix_prec", [("matmul", "tf32"), ("matmul", "bf16"), ("triton", "bf16")])
+@pytest.mark.parametrize("mix_impl,mix_prec", [("matmul", "tf32"), ("matmul", "bf16"), ("triton", "bf16"),
+                                               ("stationary", "tf32"), ("stationary", "bf16"), ("auto", "tf32")])
 @pytest.mark.parametrize("per_head", [False, True])
 def test_mixing_implementations(mix_impl, mix_prec, per_head):
-    """The cuBLAS mixing (mix_impl="matmul") and bf16 mixing operands still match the reference."""
+    """The cuBLAS and weight-stationary mixing and bf16 mixing operands still match the reference."""
     cfg = _config("state", mix_impl=mix_impl, mix_prec_half=mix_prec)
     err, errs = _compare(2, 2, 5, 6, 16, 16, per_head, True, "reference", dtype=torch.bfloat16, config=cfg)
     assert err < TOL[torch.bfloat16], errs
@@ -365,3 +367,15 @@ def test_bf16_states_buffer_dtype():
         q = torch.empty(1, 4 * 16, 2, 16, dtype=dtype)
         plan = K.make_plan(q, q, 16, 4, K.NORM_EXACT, cfg)
         assert plan.xdt == want and not plan.mix_bf16
+
+
+@pytest.mark.parametrize("block_i", [16, 64])  # several i tiles out of place / one tile in place
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
+def test_stationary_mixing(block_i, state_dtype, normalize, normalizer):
+    """The weight-stationary mixing kernel with M = 20 blocks over one or two i tiles and several column
+    groups, fp32 and bf16 states, per-head W."""
+    ws = MixStationaryLaunch(block_i=block_i, block_c=64, num_warps=4, num_stages=1, min_programs=8)
+    cfg = _config("state", mix_impl="stationary", state_dtype=state_dtype, mix_ws_kernel=ws, mix_ws_kernel_fp32=ws)
+    err, errs = _compare(1, 2, 20, 4, 16, 16, True, normalize, normalizer, dtype=torch.bfloat16, config=cfg)
+    assert err < TOL[torch.bfloat16], errs

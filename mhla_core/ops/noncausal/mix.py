@@ -1,8 +1,10 @@
 """Block mixing of the non-causal state path: X~ = W X over blocks for every (b, h), and dW.
 
 A block's state row X_j (fp32, or bf16 with `StateConfig.state_dtype`; `chunk.py`) is mixed by one
-GEMM over blocks per (b, h): X~ = W X forward, dX = W^T dX~ backward, either by `_mix_kernel` (in
-place when one program covers all M rows) or by one broadcast cuBLAS GEMM (`StateConfig.mix_impl`).
+GEMM over blocks per (b, h): X~ = W X forward, dX = W^T dX~ backward (`StateConfig.mix_impl`): by
+`_mix_ws_kernel` (W rows held by each program while it streams columns of X; "stationary", and "auto"
+for M up to `mix_ws_max_m`), by `_mix_kernel` (a tiled GEMM that reloads W tiles; "triton", and "auto"
+above that; in place when one program covers all M rows), or by one broadcast cuBLAS GEMM ("matmul").
 dW = sum_b dX~ X^T comes from `_dw_kernel`'s partial sums over column splits.
 """
 
@@ -63,6 +65,51 @@ def _mix_kernel(
 
 
 @triton.jit
+def _mix_ws_kernel(
+    w_ptr, x_ptr, y_ptr, sw_h, H, M, C, RS, cols_per_prog,
+    TRANS_W: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    PREC: tl.constexpr, AS_BF16: tl.constexpr,
+):
+    """Y[bh] = W[h] X[bh] (or W^T X) with the program's W rows held across its columns (weight stationary).
+
+    Program (i tile, column group, bh) loads W[i tile, all M blocks] once (BLOCK_K >= M) and streams
+    cols_per_prog columns of X through one K = BLOCK_K product per BLOCK_C columns. The i tile is the
+    fastest grid axis, so the programs that read the same columns of X run together (L2 hits).
+    In place is safe when one i tile covers all M rows (each program reads its columns before writing).
+    """
+    pi = tl.program_id(0)
+    pc = tl.program_id(1)
+    bh = tl.program_id(2)
+    h = bh % H
+    offs_i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
+    mi = offs_i < M
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < M
+    wb = w_ptr + h * sw_h
+    wm = mi[:, None] & mk[None, :]
+    if TRANS_W:
+        w = tl.load(wb + offs_k[None, :] * M + offs_i[:, None], mask=wm, other=0.0)
+    else:
+        w = tl.load(wb + offs_i[:, None] * M + offs_k[None, :], mask=wm, other=0.0)
+    if AS_BF16:
+        w = _cast(w, tl.bfloat16)
+    xb = x_ptr + (bh * M).to(tl.int64) * RS
+    yb = y_ptr + (bh * M).to(tl.int64) * RS
+    c_start = pc * cols_per_prog
+    c_end = tl.minimum(C, c_start + cols_per_prog)
+    for c0 in range(c_start, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < c_end
+        x = tl.load(xb + offs_k[:, None] * RS + offs_c[None, :], mask=mk[:, None] & mc[None, :], other=0.0)
+        if AS_BF16:
+            acc = _dot(w, _cast(x, tl.bfloat16), None, PREC)
+        else:
+            acc = _dot(w, x.to(tl.float32), None, PREC)
+        tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], _cast(acc, y_ptr.dtype.element_ty),
+                 mask=mi[:, None] & mc[None, :])
+
+
+@triton.jit
 def _dw_kernel(
     a_ptr, x_ptr, p_ptr, M, C, RS, cols_per_split, n_split, n_tj,
     BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr, AS_BF16: tl.constexpr,
@@ -109,9 +156,13 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
     in `out_dtype` (default x.dtype). bf16 states mixed into bf16 take bf16 operands (W rounded too);
     mixed into fp32 they are widened exactly and multiplied in the plan's mixing precision."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if p.config.mix_impl == "matmul":
+    impl = p.config.mix_impl
+    if impl == "matmul":
         return _mix_matmul(p, w3, x, trans).to(out_dtype)
-    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok and out_dtype == x.dtype, out_dtype)
+    inplace_ok = inplace_ok and out_dtype == x.dtype
+    if impl == "stationary" or (impl == "auto" and _pow2(p.M) <= p.config.mix_ws_max_m):
+        return _mix_stationary(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
+    return _mix_triton(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
 
 
 def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
@@ -133,15 +184,40 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
         torch.backends.cuda.matmul.allow_tf32 = allow
 
 
+def _mix_stationary(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """The mixing by `_mix_ws_kernel` (M <= StateConfig's mix_ws limit); in place when allowed and one i tile
+    covers all M rows. The launch settings are `mix_ws_kernel` (bf16 operands) or `mix_ws_kernel_fp32`."""
+    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and out_dtype == torch.bfloat16)
+    cfg = p.config.mix_ws_kernel if as_bf16 else p.config.mix_ws_kernel_fp32
+    bk = _pow2(p.M)
+    bi = min(cfg.block_i, bk)
+    n_i = _cdiv(p.M, bi)
+    y = x if inplace_ok and n_i == 1 else torch.empty_like(x, dtype=out_dtype)
+    bc = min(cfg.block_c, _pow2(p.row))
+    n_chunks = _cdiv(p.row, bc)
+    groups = max(1, min(n_chunks, _cdiv(cfg.min_programs, n_i * p.B * p.H)))
+    cols = _cdiv(n_chunks, groups) * bc
+    _launch(
+        _mix_ws_kernel, (n_i, _cdiv(p.row, cols), p.B * p.H),
+        (w3, x, y, sw_h, p.H, p.M, p.row, p.row_stride, cols),
+        dict(TRANS_W=trans, BLOCK_I=bi, BLOCK_K=bk, BLOCK_C=bc, PREC=p.mix_prec, AS_BF16=as_bf16),
+        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+    )
+    return y
+
+
 def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The mixing as a Triton kernel; in place when allowed and one program covers all M rows."""
-    cfg = p.config.mix_kernel
+    """The mixing as a Triton kernel; in place when allowed and one program covers all M rows. Settings:
+    `mix_kernel_bf16` for bf16 operands, `mix_kernel` for tf32 ones."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and out_dtype == torch.bfloat16)
+    cfg = p.config.mix_kernel_bf16 if as_bf16 else p.config.mix_kernel
     bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
     n_i = _cdiv(p.M, bi)
     inplace = inplace_ok and n_i == 1
-    y = x if inplace else torch.empty_like(x, dtype=x.dtype if out_dtype is None else out_dtype)
-    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and y.dtype == torch.bfloat16)
+    y = x if inplace else torch.empty_like(x, dtype=out_dtype)
     bc = min(cfg.block_c, _pow2(p.row))
     _launch(
         _mix_kernel, (n_i, _cdiv(p.row, bc), p.B * p.H),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from mhla_core.ops.utils import INTERPRET
 
 VARIANTS = ("auto", "state", "direct")
-MIX_IMPLS = ("triton", "matmul")
+MIX_IMPLS = ("triton", "stationary", "auto", "matmul")
 MIX_PRECS = ("tf32", "tf32x3", "ieee", "bf16")
 STATE_DTYPES = ("float32", "bfloat16")
 
@@ -80,6 +80,26 @@ class MixLaunch:
 
 
 @dataclass(frozen=True)
+class MixStationaryLaunch:
+    """The weight-stationary mixing kernel `_mix_ws`: block_i rows of W per program (all M columns of
+    them, held while it streams), block_c state columns a step, and columns split over programs until
+    there are at least min_programs."""
+
+    block_i: int = 64
+    block_c: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    min_programs: int = 528
+
+    def __post_init__(self) -> None:
+        for name in ("block_i", "block_c"):
+            _check_block("MixStationaryLaunch.", name, getattr(self, name))
+        _check_launch("MixStationaryLaunch.", self.num_warps, self.num_stages)
+        if not _is_int(self.min_programs) or self.min_programs < 1:
+            raise ValueError(f"MixStationaryLaunch.min_programs must be an int >= 1, got {self.min_programs!r}")
+
+
+@dataclass(frozen=True)
 class DwLaunch:
     """The dW reduction `_dw`: block_i x block_i tiles of dW, block_c state columns a step, and columns
     split over programs until there are at least min_programs."""
@@ -101,7 +121,8 @@ class DwLaunch:
 _LAUNCH_TYPES = {
     "state_kernel": TokenLaunch, "out_kernel": TokenLaunch, "bwd_q_kernel": TokenLaunch,
     "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch, "direct_kernel_large": Launch,
-    "mix_kernel": MixLaunch, "dw_kernel": DwLaunch,
+    "mix_kernel": MixLaunch, "mix_kernel_bf16": MixLaunch, "dw_kernel": DwLaunch,
+    "mix_ws_kernel": MixStationaryLaunch, "mix_ws_kernel_fp32": MixStationaryLaunch,
 }
 
 
@@ -113,8 +134,8 @@ class StateConfig:
         (always the state kernels) or "direct" (whenever L <= 128 and Dv fits one tile, else state).
     state_kernel, out_kernel, bwd_q_kernel, bwd_kv_kernel: token tile / warps / stages of the token
         kernels; direct_kernel (head tiles up to 64 x 64) and direct_kernel_large: warps / stages of
-        the direct variants (whose token tile is the whole block); mix_kernel, dw_kernel: the mixing
-        GEMM and the dW reduction.
+        the direct variants (whose token tile is the whole block); mix_kernel (tf32 operands) and
+        mix_kernel_bf16 (bf16 operands): the tiled mixing GEMM; dw_kernel: the dW reduction.
     max_block_dv, max_block_dv_fp32: largest Dv tile for half / fp32 inputs; a larger Dv is split over
         programs. fp32_block_t: largest token tile for fp32 inputs (exact fp32 dots keep their
         operands in registers).
@@ -122,7 +143,10 @@ class StateConfig:
         at most these; cost_flops (effective tensor-core FLOP/s of the small dots), cost_bw (effective
         HBM bytes/s) and cost_launch (seconds per extra launch) are its forward cost model.
     mix_prec_half: tl.dot precision of the fp32 mixing GEMMs for half inputs ("tf32", "tf32x3", "ieee",
-        or "bf16": bf16 operands). mix_impl: "triton" (the `_mix` kernel, in place) or "matmul" (a
+        or "bf16": bf16 operands). mix_impl: "stationary" (the weight-stationary `_mix_ws` kernel, whose
+        programs hold W [block_i, next_pow2(M)] in registers, so for small M; settings `mix_ws_kernel` for
+        bf16 operands, `mix_ws_kernel_fp32` for tf32 ones), "auto" (stationary while next_pow2(M) <=
+        mix_ws_max_m, else triton), "triton" (the `_mix` kernel, in place) or "matmul" (a
         broadcast cuBLAS batched GEMM; on an H200 slower at the Wan shape, fwd 0.85 vs 0.52 ms, and
         faster only at 126K tokens, fwd+bwd 11.7 vs 13.0 ms, with one more state buffer).
     bwd_tf32_half: half inputs: the backward's products with S~ (numerator recompute, dq) use tf32
@@ -142,6 +166,10 @@ class StateConfig:
     direct_kernel: Launch = field(default_factory=lambda: Launch(4, 2))
     direct_kernel_large: Launch = field(default_factory=lambda: Launch(8, 2))
     mix_kernel: MixLaunch = field(default_factory=MixLaunch)
+    mix_kernel_bf16: MixLaunch = field(default_factory=MixLaunch)
+    mix_ws_kernel: MixStationaryLaunch = field(default_factory=MixStationaryLaunch)
+    mix_ws_kernel_fp32: MixStationaryLaunch = field(default_factory=lambda: MixStationaryLaunch(64, 64, 8, 2))
+    mix_ws_max_m: int = 256
     dw_kernel: DwLaunch = field(default_factory=DwLaunch)
     max_block_dv: int = 128
     max_block_dv_fp32: int = 64
@@ -171,6 +199,8 @@ class StateConfig:
                 raise ValueError(f"StateConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         for name in ("max_block_dv", "max_block_dv_fp32", "fp32_block_t"):
             _check_block("StateConfig.", name, getattr(self, name))
+        if not _is_int(self.mix_ws_max_m) or self.mix_ws_max_m < 1:
+            raise ValueError(f"StateConfig.mix_ws_max_m must be an int >= 1, got {self.mix_ws_max_m!r}")
         for name in ("direct_max_m", "direct_max_l", "direct_max_d"):
             x = getattr(self, name)
             if not _is_int(x) or x < 1:
@@ -188,7 +218,10 @@ _SMALL = TokenLaunch(16, 4, 1)
 INTERPRET_STATE_CONFIG = StateConfig(
     state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_kv_kernel=_SMALL,
     mix_kernel=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
+    mix_kernel_bf16=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
     dw_kernel=DwLaunch(block_i=128, block_c=256, num_warps=4, num_stages=1, min_programs=1),
+    mix_ws_kernel=MixStationaryLaunch(block_i=64, block_c=256, num_warps=4, num_stages=1, min_programs=1),
+    mix_ws_kernel_fp32=MixStationaryLaunch(block_i=64, block_c=256, num_warps=4, num_stages=1, min_programs=1),
 )
 
 
@@ -197,5 +230,6 @@ def default_state_config() -> StateConfig:
     return INTERPRET_STATE_CONFIG if INTERPRET else StateConfig()
 
 
-__all__ = ["StateConfig", "TokenLaunch", "Launch", "MixLaunch", "DwLaunch", "default_state_config",
-           "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS", "STATE_DTYPES"]
+__all__ = ["StateConfig", "TokenLaunch", "Launch", "MixLaunch", "MixStationaryLaunch", "DwLaunch",
+           "default_state_config", "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS",
+           "STATE_DTYPES"]
