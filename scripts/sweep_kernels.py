@@ -44,7 +44,7 @@ VARIANTS = {
     "bf16 states, bf16 mix I64 J64 C128 w4": {**BF16, **BF16_TILES},
     "bf16 states, mix I128, bwd_q T64": {**BF16, **ROWS128, "bwd_q_kernel": {"block_t": 64}},
     "bf16 states, mix I128, bf16 bwd, bwd_q T64": {
-        **BF16, **ROWS128, "bwd_tf32_half": False, "bwd_q_kernel": {"block_t": 64}},
+        **BF16, **ROWS128, "bwd_tf32_half": "never", "bwd_q_kernel": {"block_t": 64}},
     "stationary": WS,
     "stationary fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
     "stationary fp32 C128": {**WS, "mix_ws_kernel_fp32": {"block_c": 128}},
@@ -56,7 +56,7 @@ VARIANTS = {
     "bf16 states, auto": {**BF16, "mix_impl": "auto", **BF16_TILES},
     "auto": {"mix_impl": "auto"},
     "bf16 states, auto, bf16 bwd, bwd_q T64": {
-        **BF16, "mix_impl": "auto", **BF16_TILES, "bwd_tf32_half": False, "bwd_q_kernel": {"block_t": 64}},
+        **BF16, "mix_impl": "auto", **BF16_TILES, "bwd_tf32_half": "never", "bwd_q_kernel": {"block_t": 64}},
 }
 
 TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)

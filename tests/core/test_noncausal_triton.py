@@ -155,7 +155,7 @@ def test_state_variant_choice():
     (lambda: StateConfig(fp32_block_t=8), "fp32_block_t"),
     (lambda: StateConfig(direct_max_m=0), "direct_max_m"),
     (lambda: StateConfig(cost_bw=-1.0), "cost_bw"),
-    (lambda: StateConfig(bwd_tf32_half=1), "bwd_tf32_half"),
+    (lambda: StateConfig(bwd_tf32_half=True), "bwd_tf32_half"),
     (lambda: StateConfig(state_dtype="float16"), "state_dtype"),
     (lambda: StateConfig(mix_kernel={"block_i": 64}), "mix_kernel"),
     (lambda: TokenLaunch(block_t=48), "block_t"),
@@ -376,6 +376,26 @@ def test_stationary_mixing(block_i, state_dtype, normalize, normalizer):
     """The weight-stationary mixing kernel with M = 20 blocks over one or two i tiles and several column
     groups, fp32 and bf16 states, per-head W."""
     ws = MixStationaryLaunch(block_i=block_i, block_c=64, num_warps=4, num_stages=1, min_programs=8)
-    cfg = _config("state", mix_impl="stationary", state_dtype=state_dtype, mix_ws_kernel=ws, mix_ws_kernel_fp32=ws)
+    cfg = _config("state", mix_impl="stationary", state_dtype=state_dtype, mix_ws_kernel=ws,
+                  mix_ws_kernel_fp32=ws)
     err, errs = _compare(1, 2, 20, 4, 16, 16, True, normalize, normalizer, dtype=torch.bfloat16, config=cfg)
     assert err < TOL[torch.bfloat16], errs
+
+
+@pytest.mark.parametrize("bwd_tf32_half", ["always", "never"])
+@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
+def test_backward_operand_precision(bwd_tf32_half, normalize, normalizer):
+    """Both operand precisions of the backward's S~ products match the reference (the default "exact"
+    is covered by every other half-precision test)."""
+    cfg = _config("state", bwd_tf32_half=bwd_tf32_half)
+    err, errs = _compare(2, 2, 5, 6, 16, 16, False, normalize, normalizer, dtype=torch.bfloat16, config=cfg)
+    assert err < TOL[torch.bfloat16], errs
+
+
+def test_backward_operand_precision_follows_normaliser():
+    """tf32 operands for the exact normaliser only (default), always for fp16 inputs."""
+    cfg = default_state_config()
+    for dtype, norm, hp in ((torch.bfloat16, K.NORM_EXACT, True), (torch.bfloat16, K.NORM_REFERENCE, False),
+                            (torch.bfloat16, K.NORM_NONE, False), (torch.float16, K.NORM_NONE, True)):
+        q = torch.empty(1, 4 * 16, 2, 16, dtype=dtype)
+        assert K.make_plan(q, q, 16, 4, norm, cfg).hp == hp

@@ -24,9 +24,9 @@ reading a saved o and more accurate than a rounded one):
     reference only: dz_j += s Q_j^T dp_j,      dq_{j,w} += s dp_{j,w} z_j
     dk_t = dS_j v_t + dz_j                     dv_t = dS_j^T k_t
 
-For positive q, k the two terms of dq nearly cancel, so for half inputs the products with S~ in the
-backward (num and dq) take fp32 operands (tf32 dots, `StateConfig.bwd_tf32_half`); the rest uses input-dtype
-operands.
+With the exact normaliser and positive q, k the two terms of dq nearly cancel, so there, for half
+inputs, the products with S~ in the backward (num and dq) take fp32 operands (tf32 dots,
+`StateConfig.bwd_tf32_half`) and the backward recomputes X in fp32; the rest uses input-dtype operands.
 
 Two paths:
   * "state" (any size): kernel `_state` writes X, `_mix` forms X~ (in place when one program column
@@ -500,7 +500,7 @@ class Plan:
         direct path."""
         if self.direct:
             return _pow2(self.L)
-        bt = getattr(self.config, f"{name}_kernel").block_t
+        bt = self._token_launch(name).block_t
         if self.fp32:
             bt = min(bt, self.config.fp32_block_t)
         if self.block_dk > 128:
@@ -513,8 +513,13 @@ class Plan:
             small = self.block_dk * self.block_dv <= 64 * 64
             cfg = self.config.direct_kernel if small else self.config.direct_kernel_large
         else:
-            cfg = getattr(self.config, f"{name}_kernel")
+            cfg = self._token_launch(name)
         return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+    def _token_launch(self, name: str):
+        if name == "bwd_q" and self.hp:
+            return self.config.bwd_q_kernel_hp
+        return getattr(self.config, f"{name}_kernel")
 
 
 _PLANS: dict[tuple, Plan] = {}
@@ -555,7 +560,9 @@ def _make_plan(q: torch.Tensor, v: torch.Tensor, L: int, M: int, norm: int, cfg:
         B, H, M, L, DK, DV, norm, direct, fp32, block_dk, block_dv, n_dv, C, _cdiv(C, 32) * 32,
         prec="ieee" if fp32 else "tf32", mix_prec="tf32" if mix == "bf16" else mix,
         mix_bf16=mix == "bf16",
-        hp=not fp32 and (cfg.bwd_tf32_half or q.dtype == torch.float16), sf32=q.dtype == torch.float16,
+        hp=not fp32 and (cfg.bwd_tf32_half == "always" or (cfg.bwd_tf32_half == "exact" and norm == NORM_EXACT)
+                         or q.dtype == torch.float16),
+        sf32=q.dtype == torch.float16,
         xdt=xdt, config=cfg,
     )
 

@@ -55,8 +55,8 @@ def _mix_kernel(
         x = tl.load(xb + offs_j[:, None] * RS + offs_c[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
         if AS_BF16:
             acc = _dot(_cast(w, tl.bfloat16), _cast(x, tl.bfloat16), acc, PREC)
-        else:  # bf16 states mixed into fp32 are widened exactly
-            acc = _dot(w, x.to(tl.float32), acc, PREC)
+        else:
+            acc = _dot(w, x, acc, PREC)
     if INPLACE:
         tl.debug_barrier()
     yb = y_ptr + (bh * M).to(tl.int64) * RS
@@ -153,14 +153,17 @@ def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`),
-    in `out_dtype` (default x.dtype). bf16 states mixed into bf16 take bf16 operands (W rounded too);
-    mixed into fp32 they are widened exactly and multiplied in the plan's mixing precision."""
+    in `out_dtype` (default x.dtype). bf16 states take bf16 operands (W rounded too), fp32 ones the plan's
+    mixing precision. "auto" takes the weight-stationary kernel for bf16 operands and M up to
+    `mix_ws_max_m` (H200, 2026-12-02: Wan forward 0.305 vs 0.424 ms), the tiled one otherwise (fp32
+    operands: the stationary kernel won at DiT shapes and lost at Wan, docs/kernels.md)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     impl = p.config.mix_impl
     if impl == "matmul":
         return _mix_matmul(p, w3, x, trans).to(out_dtype)
     inplace_ok = inplace_ok and out_dtype == x.dtype
-    if impl == "stationary" or (impl == "auto" and _pow2(p.M) <= p.config.mix_ws_max_m):
+    stationary_pays = (p.mix_bf16 or x.dtype == torch.bfloat16) and _pow2(p.M) <= p.config.mix_ws_max_m
+    if impl == "stationary" or (impl == "auto" and stationary_pays):
         return _mix_stationary(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
 
@@ -188,7 +191,7 @@ def _mix_stationary(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans
                     out_dtype: torch.dtype) -> torch.Tensor:
     """The mixing by `_mix_ws_kernel` (M <= StateConfig's mix_ws limit); in place when allowed and one i tile
     covers all M rows. The launch settings are `mix_ws_kernel` (bf16 operands) or `mix_ws_kernel_fp32`."""
-    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and out_dtype == torch.bfloat16)
+    as_bf16 = p.mix_bf16 or x.dtype == torch.bfloat16
     cfg = p.config.mix_ws_kernel if as_bf16 else p.config.mix_ws_kernel_fp32
     bk = _pow2(p.M)
     bi = min(cfg.block_i, bk)
@@ -212,7 +215,7 @@ def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bo
     """The mixing as a Triton kernel; in place when allowed and one program covers all M rows. Settings:
     `mix_kernel_bf16` for bf16 operands, `mix_kernel` for tf32 ones."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    as_bf16 = p.mix_bf16 or (x.dtype == torch.bfloat16 and out_dtype == torch.bfloat16)
+    as_bf16 = p.mix_bf16 or x.dtype == torch.bfloat16
     cfg = p.config.mix_kernel_bf16 if as_bf16 else p.config.mix_kernel
     bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
     n_i = _cdiv(p.M, bi)

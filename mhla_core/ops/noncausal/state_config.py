@@ -18,6 +18,7 @@ VARIANTS = ("auto", "state", "direct")
 MIX_IMPLS = ("triton", "stationary", "auto", "matmul")
 MIX_PRECS = ("tf32", "tf32x3", "ieee", "bf16")
 STATE_DTYPES = ("float32", "bfloat16")
+BWD_TF32 = ("exact", "always", "never")
 
 
 def _is_int(x) -> bool:
@@ -120,7 +121,8 @@ class DwLaunch:
 
 _LAUNCH_TYPES = {
     "state_kernel": TokenLaunch, "out_kernel": TokenLaunch, "bwd_q_kernel": TokenLaunch,
-    "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch, "direct_kernel_large": Launch,
+    "bwd_q_kernel_hp": TokenLaunch, "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch,
+    "direct_kernel_large": Launch,
     "mix_kernel": MixLaunch, "mix_kernel_bf16": MixLaunch, "dw_kernel": DwLaunch,
     "mix_ws_kernel": MixStationaryLaunch, "mix_ws_kernel_fp32": MixStationaryLaunch,
 }
@@ -133,7 +135,8 @@ class StateConfig:
     variant: "auto" (direct when the limits allow it and the cost model says it is cheaper), "state"
         (always the state kernels) or "direct" (whenever L <= 128 and Dv fits one tile, else state).
     state_kernel, out_kernel, bwd_q_kernel, bwd_kv_kernel: token tile / warps / stages of the token
-        kernels; direct_kernel (head tiles up to 64 x 64) and direct_kernel_large: warps / stages of
+        kernels (bwd_q_kernel_hp for `_bwd_q` with fp32 S~ operands, whose 64-token tiles spill at
+        D = 128); direct_kernel (head tiles up to 64 x 64) and direct_kernel_large: warps / stages of
         the direct variants (whose token tile is the whole block); mix_kernel (tf32 operands) and
         mix_kernel_bf16 (bf16 operands): the tiled mixing GEMM; dw_kernel: the dW reduction.
     max_block_dv, max_block_dv_fp32: largest Dv tile for half / fp32 inputs; a larger Dv is split over
@@ -149,8 +152,10 @@ class StateConfig:
         mix_ws_max_m, else triton), "triton" (the `_mix` kernel, in place) or "matmul" (a
         broadcast cuBLAS batched GEMM; on an H200 slower at the Wan shape, fwd 0.85 vs 0.52 ms, and
         faster only at 126K tokens, fwd+bwd 11.7 vs 13.0 ms, with one more state buffer).
-    bwd_tf32_half: half inputs: the backward's products with S~ (numerator recompute, dq) use tf32
-        operands instead of bf16 / fp16.
+    bwd_tf32_half: when the backward's products with S~ (numerator recompute, dq) of half inputs take
+        tf32 operands instead of bf16: "exact" (with the exact normaliser only, where dq = s (S~ g + c z~)
+        is a difference of two close terms; without a normaliser or with the reference one dq has no
+        such term), "always" (the behaviour before 2026-12-02) or "never". fp16 inputs always use tf32.
     state_dtype: storage of the block states X and of the forward's mixed states X~ for half inputs:
         "float32", or "bfloat16" (half their bytes; the mixing of bf16 states takes bf16 operands,
         accumulation stays fp32). The backward's X~ and the state gradients stay fp32, and so does its X
@@ -161,12 +166,13 @@ class StateConfig:
     variant: str = "auto"
     state_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     out_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
-    bwd_q_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(32, 8, 2))
+    bwd_q_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
+    bwd_q_kernel_hp: TokenLaunch = field(default_factory=lambda: TokenLaunch(32, 8, 2))
     bwd_kv_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     direct_kernel: Launch = field(default_factory=lambda: Launch(4, 2))
     direct_kernel_large: Launch = field(default_factory=lambda: Launch(8, 2))
     mix_kernel: MixLaunch = field(default_factory=MixLaunch)
-    mix_kernel_bf16: MixLaunch = field(default_factory=MixLaunch)
+    mix_kernel_bf16: MixLaunch = field(default_factory=lambda: MixLaunch(32, 64, 64, 128, 4, 3))
     mix_ws_kernel: MixStationaryLaunch = field(default_factory=MixStationaryLaunch)
     mix_ws_kernel_fp32: MixStationaryLaunch = field(default_factory=lambda: MixStationaryLaunch(64, 64, 8, 2))
     mix_ws_max_m: int = 256
@@ -181,9 +187,9 @@ class StateConfig:
     cost_bw: float = 3.0e12
     cost_launch: float = 5e-6
     mix_prec_half: str = "tf32"
-    mix_impl: str = "triton"
-    bwd_tf32_half: bool = True
-    state_dtype: str = "float32"
+    mix_impl: str = "auto"
+    bwd_tf32_half: str = "exact"
+    state_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -209,14 +215,14 @@ class StateConfig:
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
                 raise ValueError(f"StateConfig.{name} must be a finite number > 0, got {x!r}")
-        if not isinstance(self.bwd_tf32_half, bool):
-            raise ValueError(f"StateConfig.bwd_tf32_half must be a bool, got {self.bwd_tf32_half!r}")
+        if self.bwd_tf32_half not in BWD_TF32:
+            raise ValueError(f"StateConfig.bwd_tf32_half must be one of {BWD_TF32}, got {self.bwd_tf32_half!r}")
 
 
 # small tiles keep the interpreter fast (CPU tests); everything else as on the GPU
 _SMALL = TokenLaunch(16, 4, 1)
 INTERPRET_STATE_CONFIG = StateConfig(
-    state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_kv_kernel=_SMALL,
+    state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_q_kernel_hp=_SMALL, bwd_kv_kernel=_SMALL,
     mix_kernel=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
     mix_kernel_bf16=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
     dw_kernel=DwLaunch(block_i=128, block_c=256, num_warps=4, num_stages=1, min_programs=1),
@@ -232,4 +238,4 @@ def default_state_config() -> StateConfig:
 
 __all__ = ["StateConfig", "TokenLaunch", "Launch", "MixLaunch", "MixStationaryLaunch", "DwLaunch",
            "default_state_config", "INTERPRET", "INTERPRET_STATE_CONFIG", "VARIANTS", "MIX_IMPLS", "MIX_PRECS",
-           "STATE_DTYPES"]
+           "STATE_DTYPES", "BWD_TF32"]
