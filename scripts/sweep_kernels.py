@@ -30,33 +30,21 @@ SHAPES = {"Wan": (1, 12, 31500, 128, 150), "126K": (1, 12, 126000, 128, 600),
           "4K": (1, 12, 4096, 128, 64)}
 TOKEN_KERNELS = ("state_kernel", "out_kernel", "bwd_q_kernel", "bwd_kv_kernel")
 NORMS = {"exact": {}, "reference": {"normalizer": "reference"}, "none": {"normalize": False}}
-BF16 = {"state_dtype": "bfloat16"}
 WS = {"mix_impl": "stationary"}
-ROWS128 = {"mix_kernel": {"block_i": 64, "block_i_large": 128, "block_j": 64, "block_c": 128}}
-BF16_TILES = {"mix_kernel_bf16": {"block_i": 32, "block_i_large": 64, "block_j": 64, "block_c": 128, "num_warps": 4}}
 # changes to the default StateConfig: a dict changes fields of that launch setting, anything else is the value
+BEFORE = {"state_dtype": "float32", "mix_impl": "triton", "bwd_tf32_half": "always", "bwd_q_split": False,
+          "bwd_q_kernel": {"block_t": 32}}  # the defaults at the start of 2026-12-02
 VARIANTS = {
     "default": {},
-    "mix bf16": {"mix_prec_half": "bf16"},
-    "mix I128 J64 C128": ROWS128,
-    "bf16 states": BF16,
-    "bf16 states, mix I128 J64 C128": {**BF16, **ROWS128},
-    "bf16 states, bf16 mix I64 J64 C128 w4": {**BF16, **BF16_TILES},
-    "bf16 states, mix I128, bwd_q T64": {**BF16, **ROWS128, "bwd_q_kernel": {"block_t": 64}},
-    "bf16 states, mix I128, bf16 bwd, bwd_q T64": {
-        **BF16, **ROWS128, "bwd_tf32_half": "never", "bwd_q_kernel": {"block_t": 64}},
-    "stationary": WS,
-    "stationary fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
-    "stationary fp32 C128": {**WS, "mix_ws_kernel_fp32": {"block_c": 128}},
-    "stationary fp32 I128": {**WS, "mix_ws_kernel_fp32": {"block_i": 128}},
-    "bf16 states, stationary": {**BF16, **WS, **BF16_TILES},
-    "bf16 states, stationary I128 w8": {**BF16, **WS, **BF16_TILES, "mix_ws_kernel": {"block_i": 128, "num_warps": 8}},
-    "bf16 states, stationary C128": {**BF16, **WS, **BF16_TILES, "mix_ws_kernel": {"block_c": 128}},
-    "bf16 states, stationary P1056": {**BF16, **WS, **BF16_TILES, "mix_ws_kernel": {"min_programs": 1056}},
-    "bf16 states, auto": {**BF16, "mix_impl": "auto", **BF16_TILES},
-    "auto": {"mix_impl": "auto"},
-    "bf16 states, auto, bf16 bwd, bwd_q T64": {
-        **BF16, "mix_impl": "auto", **BF16_TILES, "bwd_tf32_half": "never", "bwd_q_kernel": {"block_t": 64}},
+    "before (2026-12-02 start)": BEFORE,
+    "no split": {"bwd_q_split": False},
+    "fp32 states": {"state_dtype": "float32"},
+    "split, bwd_dq T32": {"bwd_q_kernel": {"block_t": 32}},
+    "split, bwd_ds T128": {"bwd_ds_kernel": {"block_t": 128}},
+    "split, bwd_dq w4": {"bwd_q_kernel": {"num_warps": 4}, "bwd_q_kernel_hp": {"num_warps": 4}},
+    "stationary, fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
+    "stationary, fp32 I128": {**WS, "mix_ws_kernel_fp32": {"block_i": 128}},
+    "tiled bf16 mix": {"mix_impl": "triton"},
 }
 
 TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)

@@ -399,3 +399,14 @@ def test_backward_operand_precision_follows_normaliser():
                             (torch.bfloat16, K.NORM_NONE, False), (torch.float16, K.NORM_NONE, True)):
         q = torch.empty(1, 4 * 16, 2, 16, dtype=dtype)
         assert K.make_plan(q, q, 16, 4, norm, cfg).hp == hp
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
+@pytest.mark.parametrize("dv", [16, 48])  # one Dv tile / three (max_block_dv = 16)
+def test_split_backward(split, normalize, normalizer, dv):
+    """The state path's backward with `_bwd_q` split in two kernels (default) and as one, one and several Dv
+    tiles, fp32 against the float64 reference."""
+    cfg = _config("state", bwd_q_split=split, max_block_dv=16, max_block_dv_fp32=16)
+    err, errs = _compare(2, 2, 5, 6, 16, dv, True, normalize, normalizer, config=cfg)
+    assert err < TOL[torch.float32], errs
