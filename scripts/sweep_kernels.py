@@ -37,14 +37,14 @@ BEFORE = {"state_dtype": "float32", "mix_impl": "triton", "bwd_tf32_half": "alwa
 VARIANTS = {
     "default": {},
     "before (2026-12-02 start)": BEFORE,
-    "no split": {"bwd_q_split": False},
+    "split": {"bwd_q_split": True},
     "fp32 states": {"state_dtype": "float32"},
-    "split, bwd_dq T32": {"bwd_q_kernel": {"block_t": 32}},
-    "split, bwd_ds T128": {"bwd_ds_kernel": {"block_t": 128}},
-    "split, bwd_dq w4": {"bwd_q_kernel": {"num_warps": 4}, "bwd_q_kernel_hp": {"num_warps": 4}},
+    "split, bwd_dq T32": {"bwd_q_split": True, "bwd_q_kernel": {"block_t": 32}},
+    "split, bwd_ds T128": {"bwd_q_split": True, "bwd_ds_kernel": {"block_t": 128}},
+    "split, bwd_dq w4": {"bwd_q_split": True, "bwd_q_kernel": {"num_warps": 4}, "bwd_q_kernel_hp": {"num_warps": 4}},
     "stationary, fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
-    "stationary, fp32 I128": {**WS, "mix_ws_kernel_fp32": {"block_i": 128}},
-    "tiled bf16 mix": {"mix_impl": "triton"},
+    "stationary, fp32 I64": {**WS, "mix_ws_kernel_fp32": {"block_i": 64}},
+    "tiled mix": {"mix_impl": "triton"},
 }
 
 TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)

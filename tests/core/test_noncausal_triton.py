@@ -405,7 +405,7 @@ def test_backward_operand_precision_follows_normaliser():
 @pytest.mark.parametrize("normalize,normalizer", VARIANTS)
 @pytest.mark.parametrize("dv", [16, 48])  # one Dv tile / three (max_block_dv = 16)
 def test_split_backward(split, normalize, normalizer, dv):
-    """The state path's backward with `_bwd_q` split in two kernels (default) and as one, one and several Dv
+    """The state path's backward with `_bwd_q` split in two kernels and as one (default), one and several Dv
     tiles, fp32 against the float64 reference."""
     cfg = _config("state", bwd_q_split=split, max_block_dv=16, max_block_dv_fp32=16)
     err, errs = _compare(2, 2, 5, 6, 16, dv, True, normalize, normalizer, config=cfg)

@@ -154,16 +154,15 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`),
     in `out_dtype` (default x.dtype). bf16 states take bf16 operands (W rounded too), fp32 ones the plan's
-    mixing precision. "auto" takes the weight-stationary kernel for bf16 operands and M up to
-    `mix_ws_max_m` (H200, 2026-12-02: Wan forward 0.305 vs 0.424 ms), the tiled one otherwise (fp32
-    operands: the stationary kernel won at DiT shapes and lost at Wan, docs/kernels.md)."""
+    mixing precision. "auto" takes the weight-stationary kernel for M up to `mix_ws_max_m` and the tiled
+    one above (H200, 2026-12-02, docs/kernels.md: Wan forward 0.305 vs 0.424 ms with bf16 operands; with
+    fp32 ones and 128-row W tiles fwd+bwd 2.144 vs 2.182 at Wan, 3.27 vs 3.74 at DiT-XL/2 512)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     impl = p.config.mix_impl
     if impl == "matmul":
         return _mix_matmul(p, w3, x, trans).to(out_dtype)
     inplace_ok = inplace_ok and out_dtype == x.dtype
-    stationary_pays = (p.mix_bf16 or x.dtype == torch.bfloat16) and _pow2(p.M) <= p.config.mix_ws_max_m
-    if impl == "stationary" or (impl == "auto" and stationary_pays):
+    if impl == "stationary" or (impl == "auto" and _pow2(p.M) <= p.config.mix_ws_max_m):
         return _mix_stationary(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
 

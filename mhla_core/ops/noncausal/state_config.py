@@ -158,7 +158,8 @@ class StateConfig:
         such term), "always" (the behaviour before 2026-12-02) or "never". fp16 inputs always use tf32.
     bwd_q_split: the state path's `_bwd_q` as two kernels: `_bwd_dq` (dq, 1/den and c per token; settings
         bwd_q_kernel / bwd_q_kernel_hp) and `_bwd_ds` (dX~, like `_state`; bwd_ds_kernel). False: one
-        kernel per query block that does both (the direct path always does).
+        kernel per query block that does both (default: the split was slower on the H200 at Wan, 126K and
+        DiT-XL/2 512, e.g. Wan fwd+bwd 2.182 vs 1.839 ms; docs/kernels.md).
     state_dtype: storage of the block states X and of the forward's mixed states X~ for half inputs:
         "float32", or "bfloat16" (half their bytes; the mixing of bf16 states takes bf16 operands,
         accumulation stays fp32). The backward's X~ and the state gradients stay fp32, and so does its X
@@ -178,7 +179,7 @@ class StateConfig:
     mix_kernel: MixLaunch = field(default_factory=MixLaunch)
     mix_kernel_bf16: MixLaunch = field(default_factory=lambda: MixLaunch(32, 64, 64, 128, 4, 3))
     mix_ws_kernel: MixStationaryLaunch = field(default_factory=MixStationaryLaunch)
-    mix_ws_kernel_fp32: MixStationaryLaunch = field(default_factory=lambda: MixStationaryLaunch(64, 64, 8, 2))
+    mix_ws_kernel_fp32: MixStationaryLaunch = field(default_factory=lambda: MixStationaryLaunch(128, 64, 8, 2))
     mix_ws_max_m: int = 256
     dw_kernel: DwLaunch = field(default_factory=DwLaunch)
     max_block_dv: int = 128
@@ -193,7 +194,7 @@ class StateConfig:
     mix_prec_half: str = "tf32"
     mix_impl: str = "auto"
     bwd_tf32_half: str = "exact"
-    bwd_q_split: bool = True
+    bwd_q_split: bool = False
     state_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
