@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     ap.add_argument("--only", choices=["noncausal", "causal", "decode"], default=None)
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="NAME",
+                    help="non-causal shapes to time, by name (e.g. 'Wan 480p'); default all")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions on CPU")
     ap.add_argument("--markdown", default=None, help="write the tables to this markdown file")
     ap.add_argument("--plot", default=None, help="write an SVG of the non-causal times / best SDPA backend's")
@@ -320,7 +322,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(f"# {env}, {dtype}")
     sections = []  # (title, rows, table)
     if args.only in (None, "noncausal"):
-        rows = noncausal_rows(NONCAUSAL_CUDA if cuda else NONCAUSAL_CPU, device, dtype, timer)
+        shapes = NONCAUSAL_CUDA if cuda else NONCAUSAL_CPU
+        if args.shapes:
+            known = [s[0] for s in shapes]
+            unknown = [n for n in args.shapes if n not in known]
+            if unknown:
+                ap.error(f"--shapes: unknown {unknown}; choose from {known}")
+            shapes = [s for s in shapes if s[0] in args.shapes]
+        rows = noncausal_rows(shapes, device, dtype, timer)
         sections.append(("Non-causal (shape: B, H, N, D, blocks)", rows, table(rows)))
     if args.only in (None, "causal"):
         rows = causal_rows(CAUSAL_CUDA if cuda else CAUSAL_CPU, device, dtype, timer)

@@ -410,3 +410,16 @@ def test_split_backward(split, normalize, normalizer, dv):
     cfg = _config("state", bwd_q_split=split, max_block_dv=16, max_block_dv_fp32=16)
     err, errs = _compare(2, 2, 5, 6, 16, dv, True, normalize, normalizer, config=cfg)
     assert err < TOL[torch.float32], errs
+
+
+def test_auto_mixing_choice():
+    """mix_impl "auto": weight-stationary for bf16 states up to mix_ws_max_m blocks, for fp32 states only
+    when M fills its W row tiles, the tiled kernel beyond mix_ws_max_m."""
+    from mhla_core.ops.noncausal import mix as MX
+
+    cfg = replace(default_state_config(), mix_ws_kernel_fp32=MixStationaryLaunch(block_i=64))
+    for M, dtype, want in ((150, torch.bfloat16, True), (150, torch.float32, False), (64, torch.float32, True),
+                           (256, torch.float32, True), (600, torch.bfloat16, False)):
+        q = torch.empty(1, M * 4, 2, 16, dtype=torch.bfloat16)
+        plan = K.make_plan(q, q, 4, M, K.NORM_EXACT, cfg)
+        assert MX._stationary_pays(plan, torch.empty(0, dtype=dtype)) == want, (M, dtype)

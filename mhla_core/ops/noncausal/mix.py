@@ -3,8 +3,8 @@
 A block's state row X_j (fp32, or bf16 with `StateConfig.state_dtype`; `chunk.py`) is mixed by one
 GEMM over blocks per (b, h): X~ = W X forward, dX = W^T dX~ backward (`StateConfig.mix_impl`): by
 `_mix_ws_kernel` (W rows held by each program while it streams columns of X; "stationary", and "auto"
-for M up to `mix_ws_max_m`), by `_mix_kernel` (a tiled GEMM that reloads W tiles; "triton", and "auto"
-above that; in place when one program covers all M rows), or by one broadcast cuBLAS GEMM ("matmul").
+where `_stationary_pays`), by `_mix_kernel` (a tiled GEMM that reloads W tiles; "triton", and "auto"
+otherwise; in place when one program covers all M rows), or by one broadcast cuBLAS GEMM ("matmul").
 dW = sum_b dX~ X^T comes from `_dw_kernel`'s partial sums over column splits.
 """
 
@@ -154,15 +154,14 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`),
     in `out_dtype` (default x.dtype). bf16 states take bf16 operands (W rounded too), fp32 ones the plan's
-    mixing precision. "auto" takes the weight-stationary kernel for M up to `mix_ws_max_m` and the tiled
-    one above (H200, 2026-12-02, docs/kernels.md: Wan forward 0.305 vs 0.424 ms with bf16 operands; with
-    fp32 ones and 128-row W tiles fwd+bwd 2.144 vs 2.182 at Wan, 3.27 vs 3.74 at DiT-XL/2 512)."""
+    mixing precision. "auto" takes the weight-stationary kernel where `_stationary_pays` (H200,
+    2026-12-02: Wan forward 0.305 vs 0.424 ms with bf16 operands), the tiled one otherwise."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     impl = p.config.mix_impl
     if impl == "matmul":
         return _mix_matmul(p, w3, x, trans).to(out_dtype)
     inplace_ok = inplace_ok and out_dtype == x.dtype
-    if impl == "stationary" or (impl == "auto" and _pow2(p.M) <= p.config.mix_ws_max_m):
+    if impl == "stationary" or (impl == "auto" and _stationary_pays(p, x)):
         return _mix_stationary(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
 
@@ -184,6 +183,19 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
         return torch.matmul(w, xv).view_as(x)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def _stationary_pays(p: Plan, x: torch.Tensor) -> bool:
+    """mix_impl "auto": the weight-stationary kernel for M up to `mix_ws_max_m`; with fp32 operands only
+    when its W row tiles are not padded (M a multiple of the tile). H200, 2026-12-02, fwd+bwd with
+    128-row fp32 tiles: DiT-XL/2 512 (M = 64) 3.19 vs 3.64 ms, 1024 (M = 256) 4.12 vs 4.89, but Wan
+    (M = 150, rows padded to 256) 2.25 vs 1.84 (docs/kernels.md)."""
+    bk = _pow2(p.M)
+    if bk > p.config.mix_ws_max_m:
+        return False
+    if p.mix_bf16 or x.dtype == torch.bfloat16:
+        return True
+    return p.M % min(p.config.mix_ws_kernel_fp32.block_i, bk) == 0
 
 
 def _mix_stationary(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inplace_ok: bool,
