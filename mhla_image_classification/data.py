@@ -12,6 +12,8 @@ from timm.data import ImageDataset, create_transform
 from timm.data.auto_augment import AugmentOp
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mhla_core.training.seeding import epoch_permutation
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -67,8 +69,7 @@ class EpochSampler(Sampler):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
+            idx = list(epoch_permutation(self.n, self.seed, self.epoch))
         else:
             idx = list(range(self.n))
         if self.pad and self.world > 1:

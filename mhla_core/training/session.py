@@ -153,8 +153,9 @@ class Run:
     def prepare(self, model: nn.Module, optimizer):
         """DDP-wrap the model (under torchrun) and wrap the optimiser for loss scaling; then --compile."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
-        if self.args.compile:
-            model = torch.compile(model)
+        if self.args.compile:  # True, or a backend name (timm's --torchcompile BACKEND)
+            backend = self.args.compile if isinstance(self.args.compile, str) else "inductor"
+            model = torch.compile(model, backend=backend)
         return model, optimizer
 
     def finish(self) -> None:
