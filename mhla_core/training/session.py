@@ -97,9 +97,11 @@ class Run:
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Check the losses so far, then one record: stdout, `log.jsonl` and the tracker (main process)."""
-        self.guard.check(step)
+    def log(self, metrics: dict[str, Any], step: int, check: bool = True) -> None:
+        """Check the losses so far (a collective; `check=False` from one rank), then one record: stdout,
+        `log.jsonl` and the tracker (main process)."""
+        if check:
+            self.guard.check(step)
         if self.main:
             line = json.dumps(metrics)
             print(line, flush=True)

@@ -25,7 +25,7 @@ def packed(tmp_path_factory):
 
 def _train(packed, out, *extra):
     return main(["--data", str(packed), "--output", str(out), "--model", "mhla", "--model-kwargs", *TINY,
-                 "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--warmup-steps", "1",
+                 "--batch-size", "2", "--grad-accum-steps", "2", "--max-steps", "4", "--warmup-steps", "1",
                  "--lr", "3e-3", "--log-interval", "1", "--eval-batches", "2", *extra])
 
 
