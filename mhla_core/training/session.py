@@ -267,12 +267,15 @@ def checkpoint_blocks(blocks: Sequence[nn.Module]) -> None:
 
 
 @torch.no_grad()
-def constrain(model: nn.Module) -> None:
+def constrain(model: nn.Module, clamp01: Sequence[torch.Tensor] = ()) -> None:
     """The mixing constraint hook, after every optimiser step: `mhla_core.constrain_mixing` on the MHLA
-    layers, and the model's own `constrain_mixing()` where it has one (the LM)."""
+    layers, the model's own `constrain_mixing()` where it has one (the LM), and a [0, 1] clamp of the
+    mixing tensors in `clamp01` (the video model's, whose constraint is a training flag)."""
     from mhla_core import constrain_mixing
 
     m = unwrap(model)
     constrain_mixing(m)
     if callable(getattr(m, "constrain_mixing", None)):
         m.constrain_mixing()
+    for w in clamp01:
+        w.clamp_(0.0, 1.0)
