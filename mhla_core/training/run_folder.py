@@ -30,7 +30,8 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """`{out}/.lock` (pid and host) held for the life of a run; a lock whose process is gone is taken over."""
+    """`{out}/.lock` (pid and host) held for the life of a run. A lock whose process is gone is taken over, and
+    so is one of this very process (a run in it that raised: one process trains one run at a time)."""
 
     def __init__(self, out: Path) -> None:
         self.path = Path(out) / ".lock"
@@ -43,8 +44,9 @@ class RunLock:
                     other = json.loads(self.path.read_text())
                 except (OSError, ValueError):
                     other = {}
-                if other.get("host") == me["host"] and isinstance(other.get("pid"), int) and not _alive(other["pid"]):
-                    self.path.unlink(missing_ok=True)  # stale: that process died
+                pid = other.get("pid")
+                if other.get("host") == me["host"] and isinstance(pid, int) and (pid == me["pid"] or not _alive(pid)):
+                    self.path.unlink(missing_ok=True)  # stale: that run is over
                     continue
                 raise FileExistsError(f"--output {out} is in use by another run ({other or 'unreadable lock'}); "
                                       f"wait for it, or remove {self.path} if that run is dead") from None
