@@ -1,0 +1,74 @@
+"""The trainers' run folders: no silent overwrite, no non-finite checkpoint, no resume into another model, and
+wandb left to its own settings (with the run id kept across --resume)."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mhla_dit.train import main as dit
+
+from .conftest import dit_flags
+
+
+def test_rerun_without_resume_is_refused_and_overwrite_replaces(dit_store, tmp_path):
+    out = tmp_path / "run"
+    dit(dit_flags(dit_store, out, 2))
+    before = load_file(str(out / "last" / "model.safetensors"))
+    with pytest.raises(FileExistsError, match="--resume to continue it, --overwrite to replace it"):
+        dit(dit_flags(dit_store, out, 1))
+    after = load_file(str(out / "last" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 2 was not replaced by step 1
+    dit(dit_flags(dit_store, out, 1, "--overwrite"))
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+def test_non_finite_loss_never_saved_over_the_last_good_checkpoint(dit_store, tmp_path, monkeypatch):
+    from mhla_dit.diffusion import Diffusion
+
+    calls, losses = [], Diffusion.training_losses
+
+    def poisoned(self, *a, **k):
+        calls.append(1)
+        out = losses(self, *a, **k)
+        return {n: v * float("nan") for n, v in out.items()} if len(calls) == 2 else out
+
+    monkeypatch.setattr(Diffusion, "training_losses", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="non-finite loss before update 2"):  # logs every 100: the save
+        dit(dit_flags(dit_store, out, 3, "--checkpoint-every", "1", "--log-interval", "100"))  # check catches it
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "last" / "model.safetensors")).values())
+
+
+def test_resume_with_another_model_config_is_refused(dit_store, tmp_path):
+    out = tmp_path / "run"
+    dit(dit_flags(dit_store, out, 1))
+    changed = dit_flags(dit_store, out, 2, "--resume")
+    changed[changed.index("--model-kwargs") + 1: changed.index("--model-kwargs") + 1] = ["normalizer=reference"]
+    with pytest.raises(ValueError, match=r"model_kwargs.normalizer\): None in the checkpoint, 'reference' now"):
+        dit(changed)
+    assert (out / "last").resolve().name == "step_00000001"
+
+
+def test_wandb_follows_its_own_mode_and_resumes_the_run(dit_store, tmp_path, monkeypatch):
+    import wandb
+
+    seen, init = [], wandb.init
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "run"
+    first = dit(dit_flags(dit_store, out, 1, "--log-wandb", "--wandb-project", "p"))
+    dit(dit_flags(dit_store, out, 2, "--log-wandb", "--resume"))
+    assert math.isfinite(first["loss"]) and len(seen) == 2
+    assert not (out / "wandb").exists()  # disabled: nothing written
+    assert "mode" not in seen[0] and seen[0]["resume"] == "allow" and seen[0]["id"] == seen[1]["id"]
+    assert json.loads((out / "run.json").read_text())["id"] == seen[0]["id"]
