@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--data-path (a latent store from `python -m mhla_dit.extract_features`) is required")
     acc = training.make_accelerator(args)
     world, rank = acc.num_processes, acc.process_index
+    if acc.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.global_batch_size % (world * args.grad_accum_steps):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
                          f"--grad-accum-steps {args.grad_accum_steps}")
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     total = min(args.max_steps, total) if args.max_steps else total
     meta = model_metadata(args.model, kwargs, dataset.meta)
     if r.main:
-        n_params = sum(p.numel() for p in ema.module(model).parameters())
+        n_params = sum(p.numel() for p in unwrap(model).parameters())
         print(f"{args.model} ({kwargs.get('attention', 'mhla')}): {n_params / 1e6:.2f}M params, {len(dataset)} latents,"
               f" {updates_per_epoch} updates/epoch, {total} updates, device {acc.device}, world {world}", flush=True)
     diffusion, views = Diffusion(), dataset.meta.get("views", 1)

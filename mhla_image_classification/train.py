@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
         eval_now = step >= total or (epoch_done and args.eval_every and (epoch + 1) % args.eval_every == 0)
         if args.eval_every and (Path(args.data_dir) / args.val_split).is_dir() and eval_now:
             loader = eval_loader(check_split(args.data_dir, args.val_split), eval_tf, batch_size=args.batch_size,
-                                 rank=rank, world=world, workers=args.workers)
+                                 rank=rank, world=world, workers=args.workers, class_names=classes)
             with acc.autocast():
                 metrics = {**metrics, **evaluate(model, loader, device)}
                 if ema is not None:
