@@ -112,9 +112,10 @@ def run(args: argparse.Namespace) -> dict:
                                                            min_lr_rate=args.min_lr_ratio)
     per_step = args.batch_size * args.grad_accum_steps * world
     out = training.run_folder(args, args.model)
-    r = training.start_run(args, acc, out=out, project="mhla-nlp", config={**vars(args), "seq_len": seq_len,
-                           "world": world}, frozen={"model": args.model, "model_config": model.config.to_dict(),
-                                                    "rows_per_step": per_step})
+    frozen = {"model": args.model, "model_config": training.config_fields(model.config.to_dict()),
+              "rows_per_step": per_step}
+    r = training.start_run(args, acc, out=out, project="mhla-nlp",
+                           config={**vars(args), "seq_len": seq_len, "world": world}, frozen=frozen)
     if r.main:
         unwrap(model).config.save_pretrained(out)
     step = r.restore(model=model, optimizer=optimizer, scheduler=scheduler)

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     names = param_names(model, params)
     ema = training.EMA(model, args.ema_decay) if args.ema_decay else None
     r = training.start_run(args, acc, out=Path(args.output), project="mhla-videogen", config=vars(args),
-                           frozen={"model_config": dict(config), "train_params": args.train_params,
+                           frozen={"model_config": training.config_fields(config), "train_params": args.train_params,
                                    "clips_per_step": args.batch_size * args.grad_accum_steps * world})
     step = restore(r.resume, model, optimizer, ema, names, fsdp) if r.resume else 0
     if not fsdp:

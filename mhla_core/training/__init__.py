@@ -38,11 +38,12 @@ from mhla_core.training.args import add_training_args, make_parser, nonnegative_
 from mhla_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mhla_core.training.ema import EMA
 from mhla_core.training.seeding import epoch_permutation, sample_indices, seed_all, seed_step, step_seed
-from mhla_core.training.session import Run, make_accelerator, run_folder, start_run
+from mhla_core.training.session import Run, config_fields, make_accelerator, run_folder, start_run
 from mhla_core.training.step import checkpoint_blocks, constrain, train_step
 
 __all__ = [
-    "EMA", "Run", "add_training_args", "checkpoint_blocks", "constrain", "epoch_permutation", "latest_checkpoint",
-    "load_checkpoint", "make_accelerator", "make_parser", "nonnegative_int", "positive_int", "run_folder",
-    "sample_indices", "save_checkpoint", "seed_all", "seed_step", "start_run", "step_seed", "train_step",
+    "EMA", "Run", "add_training_args", "checkpoint_blocks", "config_fields", "constrain", "epoch_permutation",
+    "latest_checkpoint", "load_checkpoint", "make_accelerator", "make_parser", "nonnegative_int", "positive_int",
+    "run_folder", "sample_indices", "save_checkpoint", "seed_all", "seed_step", "start_run", "step_seed",
+    "train_step",
 ]

@@ -199,6 +199,12 @@ def start_run(args: argparse.Namespace, accelerator, *, out: Path, project: str,
     return run
 
 
+def config_fields(config: Any) -> dict[str, Any]:
+    """A transformers/diffusers model config as the fields that build the model (no `_name_or_path`, no
+    library versions): what a resume must match."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and not k.endswith("_version")}
+
+
 def _plain(value: Any) -> Any:
     """YAML-safe copy: tuples to lists, paths to strings."""
     if isinstance(value, dict):

@@ -45,13 +45,9 @@ LM_TINY = ["hidden_size=32", "num_hidden_layers=2", "num_heads=2", "vocab_size=4
 
 @pytest.fixture(scope="session")
 def lm_data(tmp_path_factory):
-    from mhla_nlp.prepare_data import main as prepare
-    from tests.nlp.helpers import make_corpus, make_tokenizer
+    from tests.nlp.helpers import make_packed
 
-    d = tmp_path_factory.mktemp("lm")
-    prepare(["--input", str(make_corpus(d / "c.jsonl", 60)), "--tokenizer", str(make_tokenizer(d / "tok")),
-             "--output", str(d / "data"), "--seq-len", "16", "--val-docs", "8"])
-    return d / "data"
+    return make_packed(tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +82,11 @@ def video_flags(base, out, steps, *extra):
             "hybrid", "--block-layout", "2", "2", "3", "--batch-size", "1", "--max-sequence-length", "8",
             "--warmup-steps", "2", "--lr", "1e-3", "--log-interval", "1", "--device", "cpu", "--ema-decay", "0.9",
             "--max-steps", str(steps), *extra]
+
+
+def trainer_main(name: str):
+    """The `main` of a trainer: dit, cls, lm or video."""
+    from importlib import import_module
+
+    return import_module({"dit": "mhla_dit", "cls": "mhla_image_classification", "lm": "mhla_nlp",
+                          "video": "mhla_videogen"}[name] + ".train").main

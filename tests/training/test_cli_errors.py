@@ -3,19 +3,7 @@
 
 import pytest
 
-from .conftest import cls_flags, dit_flags, lm_flags, video_flags
-
-
-def _main(trainer):
-    if trainer == "dit":
-        from mhla_dit.train import main
-    elif trainer == "cls":
-        from mhla_image_classification.train import main
-    elif trainer == "lm":
-        from mhla_nlp.train import main
-    else:
-        from mhla_videogen.train import main
-    return main
+from .conftest import cls_flags, dit_flags, lm_flags, trainer_main, video_flags
 
 
 def _set(argv, flag, value):
@@ -29,14 +17,14 @@ def _yaml(tmp, text):
 
 
 def _truncated_dit(c):
-    _main("dit")(c["dit"](c["tmp"] / "t", 1))
+    trainer_main("dit")(c["dit"](c["tmp"] / "t", 1))
     f = c["tmp"] / "t" / "last" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     return c["dit"](c["tmp"] / "t", 2, "--resume")
 
 
 def _opt_changed(c):
-    _main("cls")(c["cls"](c["tmp"] / "o", 1))
+    trainer_main("cls")(c["cls"](c["tmp"] / "o", 1))
     return [*c["cls"](c["tmp"] / "o", 2), "--resume", "--opt", "sgd"]
 
 
@@ -81,7 +69,7 @@ def test_clear_error(name, trainer, argv, error, text, dit_store, images, lm_dat
     args = argv(ctx)  # (runs the earlier training a row needs)
     capsys.readouterr()
     with pytest.raises(error) as e:
-        _main(trainer)(args)
+        trainer_main(trainer)(args)
     message = f"{e.value.code if isinstance(e.value, SystemExit) else e.value}\n{capsys.readouterr().err}"
     assert text in message, message
     assert not isinstance(e.value, (KeyError, IndexError, ZeroDivisionError, AttributeError))

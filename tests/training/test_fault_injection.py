@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from mhla_core.training import checkpoint as ckpt
 
-from .conftest import cls_flags, dit_flags, lm_flags, video_flags
+from .conftest import cls_flags, dit_flags, lm_flags, trainer_main, video_flags
 
 STAGES = ("model", "ema", "state", "config", "rename", "link", "prune")
 
@@ -18,22 +18,10 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so no `except Exception` handler swallows it."""
 
 
-def _trainer(name):
-    if name == "dit":
-        from mhla_dit.train import main
-    elif name == "classification":
-        from mhla_image_classification.train import main
-    elif name == "lm":
-        from mhla_nlp.train import main
-    else:
-        from mhla_videogen.train import main
-    return main
-
-
 @pytest.fixture(scope="module")
 def setups(dit_store, images, lm_data, wan):
     return {"dit": lambda out, n, *x: dit_flags(dit_store, out, n, *x),
-            "classification": lambda out, n, *x: cls_flags(images, out, n, *x),
+            "cls": lambda out, n, *x: cls_flags(images, out, n, *x),
             "lm": lambda out, n, *x: lm_flags(lm_data, out, n, *x),
             "video": lambda out, n, *x: video_flags(wan, out, n, "--no-grad-checkpointing", *x)}
 
@@ -42,12 +30,12 @@ def _weights(out):
     return {f.stem: load_file(str(f)) for f in sorted((out / "last").glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("trainer", ["dit", "classification", "lm", "video"])
+@pytest.mark.parametrize("trainer", ["dit", "cls", "lm", "video"])
 def test_kill_during_checkpoint_then_resume_is_exact(trainer, setups, tmp_path, monkeypatch):
-    main, flags = _trainer(trainer), setups[trainer]
+    main, flags = trainer_main(trainer), setups[trainer]
     main(flags(tmp_path / "straight", 3, "--checkpoint-every", "1"))
     want = _weights(tmp_path / "straight")
-    for stage in STAGES if trainer in ("dit", "classification") else STAGES[::2]:
+    for stage in STAGES if trainer in ("dit", "cls") else STAGES[::2]:
         out = tmp_path / stage
         saves = []
 
