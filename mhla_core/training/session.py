@@ -19,8 +19,10 @@ from mhla_core.training.checkpoint import (
     Checkpoint,
     check_same_config,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    step_of,
 )
 from mhla_core.training.ema import EMA
 from mhla_core.training.run_folder import RunLock, claim_run_folder, open_log, run_id
@@ -182,8 +184,13 @@ def start_run(args: argparse.Namespace, accelerator, *, out: Path, project: str,
             raise FileNotFoundError(f"--resume: no checkpoint in {source}")
         run.resume = load_checkpoint(found)
         check_same_config(run.resume.config.get("frozen", {}), config["frozen"], found)
-    if run.main:
-        run.lock = claim_run_folder(out, resume=bool(args.resume), overwrite=args.overwrite)
+        newer = [p for p in list_checkpoints(out) if step_of(p) > run.resume.step]
+        if newer and found.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"--resume {found}: {out} holds a newer checkpoint ({newer[-1].name}); resume from "
+                             "the newest (plain --resume) or start a new --output")
+    if run.main:  # continuing this folder's run, or one from elsewhere into a new (or --overwrite) folder
+        inside = run.resume is not None and run.resume.path.resolve().is_relative_to(out.resolve())
+        run.lock = claim_run_folder(out, resume=inside, overwrite=args.overwrite)
         try:
             run.log_file = open_log(out, run.resume.step if run.resume else None)
             from mhla_core.config import dump_yaml

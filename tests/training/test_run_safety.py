@@ -72,3 +72,35 @@ def test_wandb_follows_its_own_mode_and_resumes_the_run(dit_store, tmp_path, mon
     assert not (out / "wandb").exists()  # disabled: nothing written
     assert "mode" not in seen[0] and seen[0]["resume"] == "allow" and seen[0]["id"] == seen[1]["id"]
     assert json.loads((out / "run.json").read_text())["id"] == seen[0]["id"]
+
+
+def test_resume_path_forks_into_a_new_folder_but_never_rewinds_a_run(dit_store, tmp_path):
+    a = tmp_path / "a"
+    dit(dit_flags(dit_store, a, 2, "--checkpoint-every", "1", "--keep-every", "1"))
+    first = a / "checkpoints" / "step_00000001"
+    with pytest.raises(ValueError, match="holds a newer checkpoint \\(step_00000002\\)"):
+        dit(dit_flags(dit_store, a, 2, "--resume", str(first)))
+    dit(dit_flags(dit_store, tmp_path / "other", 1))
+    with pytest.raises(FileExistsError, match="already holds a run"):  # another run's folder stays its own
+        dit(dit_flags(dit_store, tmp_path / "other", 2, "--resume", str(first)))
+    dit(dit_flags(dit_store, tmp_path / "fork", 2, "--resume", str(first)))
+    want, got = load_file(str(a / "last" / "model.safetensors")), load_file(str(tmp_path / "fork" / "last" /
+                                                                                "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_shared_flags_in_the_classification_trainer(images, tmp_path):
+    """timm's --torchcompile (eager backend: no compiler needed), --grad-checkpointing, accumulation, and
+    --initial-checkpoint (with lr 0 the weights stay the loaded ones)."""
+    from mhla_image_classification.train import main as cls
+
+    from .conftest import cls_flags
+
+    out = cls(cls_flags(images, tmp_path / "a", 2, "--torchcompile", "eager", "--grad-checkpointing",
+                        "--grad-accum-steps", "2", "--clip-grad", "1.0"))
+    assert out["step"] == 2 and math.isfinite(out["loss"])
+    start = tmp_path / "a" / "last" / "model.safetensors"
+    again = cls(cls_flags(images, tmp_path / "b", 1, "--initial-checkpoint", str(start), "--lr", "0",
+                          "--warmup-lr", "0", "--weight-decay", "0", "--mixup", "0", "--cutmix", "0"))
+    loaded = load_file(str(start))
+    assert all(torch.equal(v, loaded[k]) for k, v in again["model"].state_dict().items() if k in loaded)
