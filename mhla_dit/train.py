@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Sequence
 
 import torch
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
                keep=lambda s: bool(args.keep_every) and s % args.keep_every == 0)
 
     metrics: dict = {}
-    sums, count, t0, seen = torch.zeros(3, device=acc.device), 0, time.time(), 0
+    sums, count = torch.zeros(3, device=acc.device), 0
     model.train()
     while step < total:
         epoch, in_epoch = divmod(step, updates_per_epoch)
@@ -139,15 +138,15 @@ def run(args: argparse.Namespace) -> dict:
             ema.update(model)
             step += 1
             sums += torch.stack([stats["loss"], stats["mse"], stats["vb"]])
-            count, seen = count + 1, seen + len(x) * world
+            count += 1
             if step % args.log_interval == 0 or step == total:
                 if world > 1:
                     dist.all_reduce(sums)
                 avg = (sums / (count * world)).tolist()
                 sums.zero_()
-                count, rate = 0, seen / (time.time() - t0)
+                count, (rate, eta) = 0, r.pace(step, total, args.global_batch_size)
                 metrics = dict(step=step, epoch=epoch, loss=avg[0], mse=avg[1], vb=avg[2], img_per_s=round(rate, 1),
-                               eta_min=round((total - step) * args.global_batch_size / max(rate, 1e-9) / 60, 1))
+                               eta_min=eta)
                 r.log(metrics, step)
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or (
                     args.keep_every and step % args.keep_every == 0):

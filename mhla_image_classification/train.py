@@ -14,7 +14,6 @@ precision, accumulation and tracking are `mhla_core.training`'s.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,7 +153,6 @@ def run(args: argparse.Namespace) -> dict:
         return {"loss": criterion(model(images), targets)}
 
     metrics: dict = {}
-    t0, seen = time.time(), 0
     while step < total:
         epoch, in_epoch = divmod(step, updates_per_epoch)
         loader = train_loader(train_ds, batch_size=per_rank, epoch=epoch, seed=args.seed, rank=rank, world=world,
@@ -169,12 +167,10 @@ def run(args: argparse.Namespace) -> dict:
             step += 1
             if ema is not None:
                 ema.update(model)
-            seen += images.shape[0] * world
             if step % args.log_interval == 0 or step == total:
-                rate = seen / (time.time() - t0)
-                eta = (total - step) * per_rank * world / max(rate, 1e-9)
+                rate, eta = r.pace(step, total, per_rank * world)
                 metrics = dict(step=step, epoch=epoch, loss=stats["loss"].item(), lr=optimizer.param_groups[0]["lr"],
-                               img_per_s=round(rate, 1), eta_min=round(eta / 60, 1))
+                               img_per_s=round(rate, 1), eta_min=eta)
                 r.log(metrics, step)
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 r.save(step, model=model, optimizer=optimizer, ema=ema, scheduler=scheduler)

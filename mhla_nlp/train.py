@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,7 +134,6 @@ def run(args: argparse.Namespace) -> dict:
 
     metrics: dict = {}
     model.train()
-    t0, start_step = time.time(), step
     stop = min(args.stop_at, args.max_steps) if args.stop_at else args.max_steps
     while step < stop:
         training.seed_step(args.seed, step, rank)
@@ -145,11 +143,10 @@ def run(args: argparse.Namespace) -> dict:
         training.constrain(model)
         step += 1
         if step % args.log_interval == 0 or step == args.max_steps:
-            rate = (step - start_step) * tokens_per_step / max(time.time() - t0, 1e-9)
+            rate, eta = r.pace(step, args.max_steps, tokens_per_step)
             metrics = dict(step=step, loss=round(stats["loss"].item(), 5), lr=optimizer.param_groups[0]["lr"],
                            grad_norm=round(float(stats["grad_norm"]), 4) if "grad_norm" in stats else None,
-                           tokens=step * tokens_per_step, tok_per_s=round(rate, 1),
-                           eta_min=round((args.max_steps - step) * tokens_per_step / max(rate, 1e-9) / 60, 1))
+                           tokens=step * tokens_per_step, tok_per_s=round(rate, 1), eta_min=eta)
             r.log(metrics, step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             r.save(step, model=model, optimizer=optimizer, scheduler=scheduler)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,7 +153,6 @@ def run(args: argparse.Namespace) -> dict:
         return weights
 
     metrics: dict = {}
-    t0, start = time.time(), step
     model.train()
     while step < total:
         lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
@@ -170,11 +168,11 @@ def run(args: argparse.Namespace) -> dict:
             loss = stats["loss"].clone()
             if world > 1:  # every rank takes part; rank 0 logs the mean over ranks
                 torch.distributed.all_reduce(loss)
-            rate = (step - start) / (time.time() - t0)
+            rate, eta = r.pace(step, total)
             grad_norm = float(full_tensor(stats["grad_norm"])) if "grad_norm" in stats else 0.0
             metrics = dict(step=step, loss=round(loss.item() / world, 6), grad_norm=round(grad_norm, 4), lr=lr,
                            steps_per_s=round(rate, 4), clips_per_s=round(rate * args.batch_size * world, 3),
-                           eta_min=round((total - step) / max(rate, 1e-9) / 60, 1))
+                           eta_min=eta)
             r.log(metrics, step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             checkpoint()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class Run:
     resume: Checkpoint | None = None
     lock: RunLock | None = None
     log_file: Any = None
+    updates: int = 0  # optimiser updates taken by this process (train_step counts them)
+    t0: float = 0.0  # when the first of them began
     guard: NonFiniteGuard = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +93,12 @@ class Run:
             self.log_file.write(line + "\n")
             self.log_file.flush()
             self.accelerator.log(metrics, step=step)
+
+    def pace(self, step: int, total: int, per_step: float = 1) -> tuple[float, float]:
+        """(units per second, minutes to `total`) over this process's updates so far; `per_step` units
+        (images, tokens, clips) make one update."""
+        rate = self.updates * per_step / max(time.time() - self.t0, 1e-9)
+        return rate, round((total - step) * per_step / max(rate, 1e-9) / 60, 1)
 
     def state(self, optimizer, scheduler=None) -> dict[str, Any]:
         """The training state of a checkpoint: optimiser, scheduler and loss-scaler state dicts."""

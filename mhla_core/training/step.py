@@ -3,6 +3,7 @@ constraint hook and activation checkpointing for models without their own switch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -42,6 +43,8 @@ def train_step(run, model: nn.Module, optimizer, micro_batches: Sequence[Any],
     overflow). `loss_fn(batch)` returns {"loss": ..., other terms}; returns their micro-batch means
     (detached) and `grad_norm`. The loss is watched by the run's non-finite guard."""
     acc = run.accelerator
+    if run.updates == 0:
+        run.t0 = time.time()
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     sums: dict[str, torch.Tensor] = {}
@@ -57,6 +60,7 @@ def train_step(run, model: nn.Module, optimizer, micro_batches: Sequence[Any],
         sums["grad_norm"] = acc.clip_grad_norm_(params, clip_grad)
     optimizer.step()
     run.guard.observe(sums["loss"])
+    run.updates += 1
     return sums
 
 
