@@ -32,15 +32,21 @@ from mhla_core.training.step import NonFiniteGuard
 AMP = {"bfloat16": "bf16", "float16": "fp16", "none": "no"}
 
 
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state (its singletons), so that the next run in this process sets its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def make_accelerator(args: argparse.Namespace):
     """An `accelerate.Accelerator` for `args`: joins the process group under torchrun (NCCL on CUDA, gloo on
     CPU), mixed precision from --amp-dtype on CUDA (fp16 with a GradScaler), fp32 on CPU, wandb with
     --log-wandb. Accelerate's process state is a singleton: it is reset so that runs in one process differ."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    _reset_accelerate()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = device.startswith("cpu")
     return Accelerator(cpu=cpu, mixed_precision="no" if cpu else AMP[args.amp_dtype],
@@ -156,17 +162,13 @@ class Run:
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
-        if self.main and self.args.log_wandb:
-            self.accelerator.end_training()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        self.accelerator.end_training()  # the tracker (main process) and the process group
         if dist.is_initialized():
             dist.destroy_process_group()
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        _reset_accelerate()
 
 
 def unwrap_opt(optimizer):
