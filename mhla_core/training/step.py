@@ -4,6 +4,7 @@ constraint hook and activation checkpointing for models without their own switch
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -21,7 +22,6 @@ class NonFiniteGuard:
 
     def __init__(self, device: torch.device) -> None:
         self.bad = torch.zeros((), device=device)
-        self.first: int | None = None
 
     def observe(self, loss: torch.Tensor) -> None:
         self.bad = torch.maximum(self.bad, (~torch.isfinite(loss.detach().float())).float())
@@ -67,11 +67,14 @@ def train_step(run, model: nn.Module, optimizer, micro_batches: Sequence[Any],
 def checkpoint_blocks(blocks: Sequence[nn.Module]) -> None:
     """Activation checkpointing for models without their own switch: each block's forward is recomputed in
     the backward pass (torch.utils.checkpoint, non-reentrant)."""
+    for block in blocks:  # a method bound to the block: a deep copy (the EMA model) binds to the copy
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
-    for block in blocks:
-        forward = block.forward
-        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
 
 @torch.no_grad()

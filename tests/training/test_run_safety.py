@@ -104,3 +104,13 @@ def test_shared_flags_in_the_classification_trainer(images, tmp_path):
                           "--warmup-lr", "0", "--weight-decay", "0", "--mixup", "0", "--cutmix", "0"))
     loaded = load_file(str(start))
     assert all(torch.equal(v, loaded[k]) for k, v in again["model"].state_dict().items() if k in loaded)
+
+
+def test_dit_grad_checkpointing_gives_the_same_updates(dit_store, tmp_path):
+    plain = dit(dit_flags(dit_store, tmp_path / "plain", 2))["model"].state_dict()
+    out = dit(dit_flags(dit_store, tmp_path / "ckpt", 2, "--grad-checkpointing"))
+    ckpt, ema = out["model"], out["ema"]
+    assert all(b.forward.__func__.__name__ == "_checkpointed_forward" for b in ckpt.blocks)  # they recompute
+    assert all(b.forward.__self__ is b for b in ema.blocks)  # the EMA copy runs its own weights
+    for k, v in ckpt.state_dict().items():
+        torch.testing.assert_close(v, plain[k], rtol=1e-5, atol=1e-6, msg=k)
