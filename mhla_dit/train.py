@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> dict:
     frozen = {"model": args.model, "model_kwargs": kwargs, "global_batch_size": args.global_batch_size}
     r = training.start_run(args, acc, out=out, project="mhla-dit",
                            config={**vars(args), "resolved_model_kwargs": kwargs}, frozen=frozen)
-    if args.init_from and not args.resume and r.main:
-        print(json.dumps({"init_from": str(args.init_from), **init_from(model, args.init_from)}), flush=True)
+    if args.init_from and not args.resume:  # on every rank (the EMA starts from it), reported by one
+        report = init_from(model, args.init_from)
+        if r.main:
+            print(json.dumps({"init_from": str(args.init_from), **report}), flush=True)
     ema = training.EMA(model, args.ema_decay)
     step = r.restore(model=model, optimizer=optimizer, ema=ema)
     model, optimizer = r.prepare(model, optimizer)
