@@ -36,8 +36,27 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         unknown = sorted(k.replace("-", "_") for k in cfg if k.replace("-", "_") not in dests)
         if unknown:
             raise SystemExit(f"{known.config}: unknown keys {unknown}")
-        parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
+        actions = {a.dest: a for a in parser._actions}
+        parser.set_defaults(**{k.replace("-", "_"): _checked(actions[k.replace("-", "_")], v, known.config)
+                               for k, v in cfg.items()})
     return parser.parse_args(argv)
+
+
+def _checked(action: argparse.Action, value: Any, source: str) -> Any:
+    """A YAML value through the flag's own type and choices, as if typed on the command line (`epochs: 1.5`
+    is refused for an integer flag instead of being taken as is)."""
+    if value is None or isinstance(action, ParseKwargs):
+        return value
+    values = value if isinstance(value, list) else [value]
+    try:
+        out = [action.type(str(v)) for v in values] if action.type else values
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        flag = action.option_strings[0]
+        raise SystemExit(f"{source}: {action.dest}: {value!r} is not valid for {flag} ({e})") from None
+    if action.choices is not None and any(v not in action.choices for v in out):
+        raise SystemExit(f"{source}: {action.dest}: {value!r}; {action.option_strings[0]} takes one of "
+                         f"{list(action.choices)}")
+    return out if isinstance(value, list) else out[0]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -47,7 +66,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path} must hold a mapping, got {type(data).__name__}")
     return data

@@ -12,6 +12,8 @@ from timm.data import ImageDataset, create_transform
 from timm.data.auto_augment import AugmentOp
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mhla_core.training.seeding import epoch_permutation
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -67,8 +69,7 @@ class EpochSampler(Sampler):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
+            idx = list(epoch_permutation(self.n, self.seed, self.epoch))
         else:
             idx = list(range(self.n))
         if self.pad and self.world > 1:
@@ -136,8 +137,18 @@ def train_loader(dataset: SeededDataset, *, batch_size: int, epoch: int, seed: i
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-def eval_loader(root: Path, transform, *, batch_size: int, rank: int, world: int, workers: int) -> DataLoader:
-    """Evaluation loader over a class-folder split, sharded over ranks without padding."""
-    ds = SeededDataset(ImageDataset(str(root)), transform, seed=0)
+def eval_loader(root: Path, transform, *, batch_size: int, rank: int, world: int, workers: int,
+                class_names: list[str] | None = None) -> DataLoader:
+    """Evaluation loader over a class-folder split, sharded over ranks without padding. With the training
+    run's `class_names`, labels are mapped by name, and a split whose classes differ is refused."""
+    class_map = None
+    if class_names is not None:
+        found = {d.name for d in Path(root).iterdir() if d.is_dir()}
+        missing, extra = sorted(set(class_names) - found), sorted(found - set(class_names))
+        if missing or extra:
+            raise ValueError(f"{root}: its classes are not the training classes (missing: {missing[:10]}, "
+                             f"not trained on: {extra[:10]}); evaluate on a split with the same class folders")
+        class_map = {name: i for i, name in enumerate(class_names)}
+    ds = SeededDataset(ImageDataset(str(root), class_map=class_map), transform, seed=0)
     sampler = EpochSampler(len(ds), seed=0, epoch=0, shuffle=False, rank=rank, world=world, pad=False)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers)

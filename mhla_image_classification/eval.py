@@ -1,9 +1,10 @@
 """Evaluate a checkpoint (top-1/top-5 on a validation folder), or measure throughput.
 
-    python -m mhla_image_classification.eval --checkpoint runs/x/last_ema.safetensors --data-dir /data/imagenet
+    python -m mhla_image_classification.eval --checkpoint runs/x/last/ema.safetensors --data-dir /data/imagenet
     python -m mhla_image_classification.eval --throughput --models mhla_deit_tiny_patch16_224 deit_tiny_patch16_224
 
-A checkpoint is read with the `config.yaml` its training run wrote beside it (model name, kwargs, classes).
+A checkpoint is read with the `config.yaml` its training run wrote beside it (model name, kwargs, class names);
+validation labels are mapped by class name, and a split whose class folders differ is refused.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> dict | list[dict]:
                                    else {}, model=model)
     _, eval_tf = build_transforms(data_cfg, argparse.Namespace(**cfg))
     loader = eval_loader(check_split(args.data_dir or cfg.get("data_dir") or "", args.split), eval_tf,
-                         batch_size=args.batch_size, rank=0, world=1, workers=args.workers)
+                         batch_size=args.batch_size, rank=0, world=1, workers=args.workers,
+                         class_names=cfg.get("class_names"))  # runs before the class names were stored: None
     metrics = evaluate(model, loader, device, amp=_amp(device))
     print(f"{args.checkpoint}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  ({metrics['count']} images)")
     return metrics

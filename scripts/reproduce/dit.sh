@@ -29,11 +29,11 @@ rows=("$@")
   "${extract_args[@]}"
 for row in "${rows[@]}"; do
   out=$RUNS/dit_s2_$row
-  resume=(); [ -f "$out/last_state.pt" ] && resume=(--resume)
+  resume=(); [ -e "$out/last" ] && resume=(--resume)
   "${run[@]}" mhla_dit.train --config "mhla_dit/configs/dit_s2_$row.yaml" --data-path "$LATENTS" --output "$out" \
     "${resume[@]}" "${train_args[@]}"
   npz=$out/samples_cfg${CFG}_n${NUM_SAMPLES}.npz
-  [ -f "$npz" ] || "${run[@]}" mhla_dit.sample --ckpt "$out/last_ema.safetensors" --vae "$VAE" --cfg-scale "$CFG" \
+  [ -f "$npz" ] || "${run[@]}" mhla_dit.sample --ckpt "$out/last/ema.safetensors" --vae "$VAE" --cfg-scale "$CFG" \
     --num-samples "$NUM_SAMPLES" --npz "$npz" --num-sampling-steps "$SAMPLING_STEPS" "${sample_args[@]}"
   if [ -n "${REF_BATCH:-}" ] && [ -n "${INCEPTION:-}" ]; then
     "$PYTHON" -m mhla_dit.fid "$npz" --ref "$REF_BATCH" --inception-weights "$INCEPTION" --out-json "${npz%.npz}_fid.json"

@@ -12,9 +12,9 @@ configs=("$@")
 for name in "${configs[@]}"; do
   cfg=mhla_image_classification/configs/$name.yaml
   out=runs/$name
-  resume=(); [ -f "$out/last_state.pt" ] && resume=(--resume)
+  resume=(); [ -e "$out/last" ] && resume=(--resume)
   torchrun --nproc_per_node="$GPUS" -m mhla_image_classification.train --config "$cfg" --data-dir "$IMAGENET" \
     --output "$out" "${resume[@]}"
-  python -m mhla_image_classification.eval --checkpoint "$out/last_ema.safetensors" --data-dir "$IMAGENET" \
+  python -m mhla_image_classification.eval --checkpoint "$out/last/ema.safetensors" --data-dir "$IMAGENET" \
     | tee "$out/eval_ema.txt"
 done

@@ -14,7 +14,7 @@ MODELS=("${@:-mhla gla transformer}")
 [ -d $RUN_DIR/data ] || $PY -m mhla_nlp.prepare_data --input "$CORPUS" --tokenizer "$TOKENIZER" --output $RUN_DIR/data \
   --seq-len 2048 --val-docs "${VAL_DOCS:-5000}" --num-proc "${NPROC:-32}"
 for m in ${MODELS[@]}; do
-  resume=(); [ -f $RUN_DIR/$m/last_state.pt ] && resume=(--resume)
+  resume=(); [ -e "$RUN_DIR/$m/last" ] && resume=(--resume)
   [ -f $RUN_DIR/$m/final/config.json ] || torchrun --nproc_per_node "$NGPU" -m mhla_nlp.train \
     --config mhla_nlp/configs/${m}_340M.yaml --data $RUN_DIR/data --output $RUN_DIR/$m "${resume[@]}"
   $PY -m mhla_nlp.eval ppl --model $RUN_DIR/$m/final --tokenizer "$TOKENIZER" --data $RUN_DIR/data --split validation \

@@ -35,7 +35,7 @@ for row in "${rows[@]}"; do
   transformer=()
   if [ "$row" != softmax ]; then
     out=$RUNS/wan_$row
-    resume=(); [ -f "$out/last_state.pt" ] && resume=(--resume)
+    resume=(); [ -e "$out/last" ] && resume=(--resume)
     "${run[@]}" mhla_videogen.train --config "mhla_videogen/configs/wan_$row.yaml" --init-wan "$WAN/transformer" \
       --data "$LATENTS" --output "$out" "${resume[@]}" "${train_args[@]}"
     transformer=(--transformer "$out/final")

@@ -84,7 +84,7 @@ def test_epoch_batches_partition_the_global_batch():
 def test_train_three_steps_resume_exact_and_ema(latent_store, tmp_path, monkeypatch):
     straight = train(_flags(latent_store, tmp_path / "straight", 3))
     assert straight["step"] == 3 and math.isfinite(straight["loss"]) and straight["vb"] > 0
-    for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "config.yaml", "log.jsonl"):
+    for name in ("last/model.safetensors", "last/ema.safetensors", "last/state.pt", "config.yaml", "log.jsonl"):
         assert (tmp_path / "straight" / name).is_file(), name
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and {"img_per_s", "eta_min", "mse", "vb"} <= set(log[0])
@@ -95,12 +95,12 @@ def test_train_three_steps_resume_exact_and_ema(latent_store, tmp_path, monkeypa
     _torchrun_env(monkeypatch, 29517)
     resumed = train(_flags(latent_store, tmp_path / "split", 3, "--resume"))
     assert resumed["step"] == 3
-    for name in ("last.safetensors", "last_ema.safetensors"):
+    for name in ("last/model.safetensors", "last/ema.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), (name, key)
-    meta = read_metadata(tmp_path / "split" / "last_ema.safetensors")
+    meta = read_metadata(tmp_path / "split" / "last" / "ema.safetensors")
     assert meta["model"] == "DiT-S/2" and meta["model_kwargs"]["block_size"] == 4 and meta["data"]["scale"] == 0.18215
 
 
@@ -122,7 +122,7 @@ def test_ema_is_decay_weighted_average_of_init_and_model(latent_store, tmp_path)
 def checkpoint(latent_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train(_flags(latent_store, out, 2))
-    return out / "last_ema.safetensors"
+    return out / "last" / "ema.safetensors"
 
 
 def test_sample_grid_png(checkpoint, tmp_path):

@@ -50,7 +50,7 @@ def test_dit_sh_end_to_end_tiny(image_folder, vae_path, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "dit_s2_mhla"
-    assert (run / "last_ema.safetensors").is_file() and (run / "samples_cfg1.0_n3.npz").is_file()
+    assert (run / "last" / "ema.safetensors").is_file() and (run / "samples_cfg1.0_n3.npz").is_file()
     assert "skipping FID" in proc.stdout
     import yaml
 

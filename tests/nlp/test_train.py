@@ -7,25 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhla_nlp.prepare_data import main as prepare
 from mhla_nlp.train import build_model, build_parser, main, make_batch
 
-from .helpers import make_corpus, make_tokenizer
+from .helpers import make_packed
 
 TINY = ["hidden_size=32", "num_hidden_layers=2", "num_heads=2", "vocab_size=40", "chunk_size=4", "max_chunks=4"]
 
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm")
-    prepare(["--input", str(make_corpus(d / "c.jsonl", 60)), "--tokenizer", str(make_tokenizer(d / "tok")),
-             "--output", str(d / "data"), "--seq-len", "16", "--val-docs", "8"])
-    return d / "data"
+    return make_packed(tmp_path_factory.mktemp("lm"))
 
 
 def _train(packed, out, *extra):
     return main(["--data", str(packed), "--output", str(out), "--model", "mhla", "--model-kwargs", *TINY,
-                 "--batch-size", "2", "--grad-accum", "2", "--max-steps", "4", "--warmup-steps", "1",
+                 "--batch-size", "2", "--grad-accum-steps", "2", "--max-steps", "4", "--warmup-steps", "1",
                  "--lr", "3e-3", "--log-interval", "1", "--eval-batches", "2", *extra])
 
 

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from mhla_videogen import extract, train
+from mhla_videogen.data import batch_indices
+from mhla_videogen.objective import flow_sigmas
 
 from .conftest import BLOCKS, make_tiny_pipeline
 
@@ -72,13 +74,13 @@ def test_train_resume_equals_straight(tiny_pipeline_dir, latents_dir):
     assert straight["step"] == 3 and np.isfinite(straight["loss"])
     train.main(_args(base, latents_dir, base / "b", "--max-steps", "2", *ema))
     resumed = train.main(_args(base, latents_dir, base / "b", "--max-steps", "3", "--resume", *ema))
-    for name in ("last.safetensors", "last_ema.safetensors"):
+    for name in ("last/model.safetensors", "last/ema.safetensors"):
         a, b = load_file(str(base / "a" / name)), load_file(str(base / "b" / name))
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    ema_w = load_file(str(base / "a" / "last_ema.safetensors"))
-    a = load_file(str(base / "a" / "last.safetensors"))
+    ema_w = load_file(str(base / "a" / "last" / "ema.safetensors"))
+    a = load_file(str(base / "a" / "last" / "model.safetensors"))
     assert not torch.equal(ema_w["blocks.0.ffn.net.0.proj.weight"], a["blocks.0.ffn.net.0.proj.weight"])
     assert resumed["loss"] == straight["loss"]
     log = [json.loads(line) for line in (base / "b" / "log.jsonl").read_text().splitlines()]
@@ -98,8 +100,8 @@ def test_train_resume_equals_straight(tiny_pipeline_dir, latents_dir):
 def test_train_only_mhla_params(tiny_pipeline_dir, latents_dir):
     base = tiny_pipeline_dir
     train.main(_args(base, latents_dir, base / "m", "--max-steps", "1", "--train-params", "mhla",
-                     "--mixing-constraint", "clamp01", "--no-gradient-checkpointing"))
-    w = load_file(str(base / "m" / "last.safetensors"))
+                     "--mixing-constraint", "clamp01", "--no-grad-checkpointing"))
+    w = load_file(str(base / "m" / "last" / "model.safetensors"))
     w0 = load_file(str(base / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(w0["blocks.0.ffn.net.0.proj.weight"], w["blocks.0.ffn.net.0.proj.weight"])
     assert torch.equal(w0["blocks.1.ffn.net.0.proj.weight"], w["blocks.1.ffn.net.0.proj.weight"])
@@ -110,12 +112,12 @@ def test_train_only_mhla_params(tiny_pipeline_dir, latents_dir):
 
 def test_flow_sigmas_and_batches():
     u = torch.tensor([0.0, 0.5, 1.0])
-    torch.testing.assert_close(train.flow_sigmas(u, 3.0), torch.tensor([0.0, 0.75, 1.0]))
+    torch.testing.assert_close(flow_sigmas(u, 3.0), torch.tensor([0.0, 0.75, 1.0]))
     # each epoch of a 1-process run visits every sample once
-    idx = [i for s in range(3) for i in train.batch_indices(s, 2, 0, 1, 6, seed=0)]
+    idx = [i for s in range(3) for i in batch_indices(s, 2, 0, 1, 6, seed=0)]
     assert sorted(idx) == list(range(6))
     # two ranks of one step draw different samples
-    assert set(train.batch_indices(0, 2, 0, 2, 8, 0)).isdisjoint(train.batch_indices(0, 2, 1, 2, 8, 0))
+    assert set(batch_indices(0, 2, 0, 2, 8, 0)).isdisjoint(batch_indices(0, 2, 1, 2, 8, 0))
 
 
 @pytest.mark.parametrize("name, layers", [("wan_hybrid.yaml", "hybrid"), ("wan_full.yaml", "full")])
@@ -123,7 +125,7 @@ def test_configs_parse(name, layers):
     from mhla_core.config import parse_with_config
 
     args = parse_with_config(train.build_parser(), ["--config", str(CONFIGS / name)])
-    assert args.layers == layers and args.lr == 2e-5 and args.adam_eps == 1e-10 and args.grad_clip == 0.1
+    assert args.layers == layers and args.lr == 2e-5 and args.adam_eps == 1e-10 and args.clip_grad == 0.1
     assert args.warmup_steps == 1000 and args.caption_dropout == 0.1 and args.mixing_constraint == "none"
 
 
@@ -142,4 +144,4 @@ def test_train_ddp_two_processes(tiny_pipeline_dir, latents_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [1, 2] and "2 steps x 1 x 2" in proc.stdout
-    assert (out / "last.safetensors").is_file() and (out / "final" / "config.json").is_file()
+    assert (out / "last" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from mhla_core.checkpoint import load_state, load_weights
 from mhla_videogen import train
+from mhla_videogen.fsdp import rekey_optimizer_state
 
 from .conftest import TINY_WAN
 from .test_train import _args
@@ -116,21 +117,21 @@ def test_fsdp_matches_ddp_and_resumes(base):
         args("fsdp_d", 1, *fsdp), args("fsdp_d", 2, "--resume"),  # FSDP checkpoint -> DDP
         args("mhla", 1, *fsdp, "--train-params", "mhla", "--mixing-constraint", "clamp01"),
     ])
-    ref = {n: load_file(str(base / "ddp" / n)) for n in ("last.safetensors", "last_ema.safetensors")}
+    ref = {n: load_file(str(base / "ddp" / "last" / n)) for n in ("model.safetensors", "ema.safetensors")}
     w0 = load_file(str(base / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
     key = "blocks.0.ffn.net.0.proj.weight"
-    assert not torch.equal(w0[key], ref["last.safetensors"][key])  # training moved the weights
+    assert not torch.equal(w0[key], ref["model.safetensors"][key])  # training moved the weights
 
     # FSDP == DDP up to fp32 reduction order; the resumed runs equal the straight ones
     for name in ("fsdp", "fsdp_r", "ddp_f", "fsdp_d"):
         for f, r in ref.items():
-            _close(load_file(str(base / name / f)), r, atol=1e-5)
+            _close(load_file(str(base / name / "last" / f)), r, atol=1e-5)
         assert _losses(base / name) == pytest.approx(_losses(base / "ddp"), rel=1e-5)
     for f in ref:
-        _close(load_file(str(base / "fsdp_r" / f)), load_file(str(base / "fsdp" / f)), atol=0)
-    opt = [load_state(base / name / "last_state.pt")["optimizer"] for name in ("fsdp", "fsdp_r")]
+        _close(load_file(str(base / "fsdp_r" / "last" / f)), load_file(str(base / "fsdp" / "last" / f)), atol=0)
+    opt = [load_state(base / name / "last" / "state.pt")["optimizer"] for name in ("fsdp", "fsdp_r")]
     assert opt[0]["state"].keys() == opt[1]["state"].keys() and key in opt[0]["state"]  # keyed by name
-    assert 0 in load_state(base / "ddp" / "last_state.pt")["optimizer"]["state"]  # DDP's: by index
+    assert 0 in load_state(base / "ddp" / "last" / "state.pt")["optimizer"]["state"]  # DDP's: by index
     for k, s in opt[0]["state"].items():
         for n, v in s.items():
             torch.testing.assert_close(v, opt[1]["state"][k][n], rtol=0, atol=0, msg=f"{k}.{n}")
@@ -138,18 +139,18 @@ def test_fsdp_matches_ddp_and_resumes(base):
     # final/ and final_ema/ are plain model folders holding the full weights
     from mhla_videogen.model import MHLAWanTransformer3DModel
 
-    for folder, f in (("final", "last.safetensors"), ("final_ema", "last_ema.safetensors")):
+    for folder, f in (("final", "model.safetensors"), ("final_ema", "ema.safetensors")):
         config = json.loads((base / "fsdp" / folder / "config.json").read_text())
         assert config["_class_name"] == "MHLAWanTransformer3DModel"  # not the FSDP wrapper class
         model = MHLAWanTransformer3DModel.from_pretrained(base / "fsdp" / folder)
         assert model.config.mhla_layers == [1, 2]
-        saved = load_file(str(base / "fsdp" / f))
+        saved = load_file(str(base / "fsdp" / "last" / f))
         _close({k: v for k, v in model.state_dict().items() if k in saved}, saved, atol=0)
     plain = MHLAWanTransformer3DModel.from_pretrained(base / "ddp" / "final")
-    load_weights(plain, base / "fsdp" / "last.safetensors")  # strict: every key, no FSDP prefixes
+    load_weights(plain, base / "fsdp" / "last" / "model.safetensors")  # strict: every key, no FSDP prefixes
 
     # --train-params mhla: frozen weights stay, the mixing matrices are clamped
-    w = load_file(str(base / "mhla" / "last.safetensors"))
+    w = load_file(str(base / "mhla" / "last" / "model.safetensors"))
     assert torch.equal(w0[key], w[key]) and not torch.equal(w0["blocks.1.attn1.to_q.weight"],
                                                              w["blocks.1.attn1.to_q.weight"])
     mix = w["blocks.1.attn1.block_attn.conv.weight"]
@@ -167,8 +168,8 @@ def test_rekey_optimizer_state():
     sum(x.sum() for x in p).backward()
     opt.step()
     sd = opt.state_dict()
-    by_name = train.rekey_optimizer_state(sd, ["a", "b"], by_name=True)
+    by_name = rekey_optimizer_state(sd, ["a", "b"], by_name=True)
     assert set(by_name["state"]) == {"a", "b"} and by_name["param_groups"][0]["params"] == ["a", "b"]
-    assert train.rekey_optimizer_state(by_name, ["a", "b"], by_name=True) is by_name
-    back = train.rekey_optimizer_state(by_name, ["a", "b"], by_name=False)
+    assert rekey_optimizer_state(by_name, ["a", "b"], by_name=True) is by_name
+    back = rekey_optimizer_state(by_name, ["a", "b"], by_name=False)
     assert back["param_groups"] == sd["param_groups"] and back["state"].keys() == sd["state"].keys()
