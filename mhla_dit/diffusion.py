@@ -117,6 +117,12 @@ def sample(model: torch.nn.Module, y: torch.Tensor, shape: tuple[int, ...], *, n
 
     The null class is `model.num_classes`; with cfg_scale > 1 the batch is doubled (conditional, null).
     """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and y.numel() and not bool(((y >= 0) & (y <= classes)).all()):
+        raise ValueError(f"y holds labels outside 0 .. {classes} (the classes and the null class {classes}), "
+                         f"got min {int(y.min())}, max {int(y.max())}")
     scheduler = scheduler or create_scheduler()
     scheduler.set_timesteps(num_steps)
     device, n = y.device, y.shape[0]

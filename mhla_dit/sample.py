@@ -27,6 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from mhla_core.checkpoint import atomic_write
+from mhla_core.training.args import nonnegative_int, positive_int
 from mhla_dit.checkpoints import load_model
 from mhla_dit.data import save_npy
 from mhla_dit.diffusion import sample
@@ -41,16 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--vae", default=None, help="AutoencoderKL folder or hub id; 'none' for pixel models (default: the store's)")
     a("--scale", type=float, default=None, help="latent scale (default: the store's, else 0.18215)")
     a("--cfg-scale", type=float, default=None, help="guidance (default 4.0 for a grid, 1.5 for --npz)")
-    a("--num-sampling-steps", type=int, default=250)
+    a("--num-sampling-steps", type=positive_int, default=250)
     a("--seed", type=int, default=0)
     a("--class-labels", type=int, nargs="*", default=None, help="grid classes (default: DiT's 8 classes)")
     a("--out", default="sample.png", help="grid PNG path")
-    a("--nrow", type=int, default=4, help="grid images per row")
-    a("--num-samples", type=int, default=0, help="npz mode: number of images")
+    a("--nrow", type=positive_int, default=4, help="grid images per row")
+    a("--num-samples", type=nonnegative_int, default=0, help="npz mode: number of images")
     a("--npz", default=None, help="npz mode: output path")
-    a("--per-proc-batch-size", type=int, default=32)
+    a("--per-proc-batch-size", type=positive_int, default=32)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--amp-dtype", default="none", help="autocast dtype on CUDA for the model ('bfloat16' is faster)")
+    a("--amp-dtype", default="none", choices=["none", "bfloat16", "float16"],
+      help="autocast dtype on CUDA for the model ('bfloat16' is faster)")
     a("--progress", action="store_true", help="a progress bar over the denoising steps")
     return p
 
@@ -112,6 +114,9 @@ def sample_grid(args: argparse.Namespace) -> Path:
     """Sample one image per class label and write them as a grid PNG."""
     _, _, device, model, decode, amp = _setup(args)
     labels = args.class_labels or [c % model.num_classes for c in DEFAULT_LABELS]
+    bad = [c for c in labels if not 0 <= c < model.num_classes]
+    if bad:
+        raise SystemExit(f"--class-labels {bad} are outside the model's classes 0 .. {model.num_classes - 1}")
     cfg = 4.0 if args.cfg_scale is None else args.cfg_scale
     gen = torch.Generator(device).manual_seed(args.seed)
     y = torch.tensor(labels, device=device)

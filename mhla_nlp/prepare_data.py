@@ -22,20 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-
-def _positive(x: str) -> int:
-    n = int(x)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {x}")
-    return n
-
-
-def _count(x: str) -> int:
-    n = int(x)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {x}")
-    return n
-
+from mhla_core.training.args import nonnegative_int, positive_int
 
 BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
@@ -64,13 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help=".jsonl, .txt, or a dataset directory saved with save_to_disk")
     p.add_argument("--tokenizer", required=True, help="local tokenizer directory (AutoTokenizer.from_pretrained)")
     p.add_argument("--output", required=True, help="directory for datasets.save_to_disk")
-    p.add_argument("--seq-len", type=_positive, default=2048)
+    p.add_argument("--seq-len", type=positive_int, default=2048)
     p.add_argument("--text-field", default="text")
     p.add_argument("--split", default="train", help="split to read when --input is a saved DatasetDict")
     p.add_argument("--line-docs", action="store_true", help=".txt: one document per line")
-    p.add_argument("--batch-docs", type=_positive, default=1000, help="documents packed together")
-    p.add_argument("--val-docs", type=_count, default=0, help="hold out the first N documents as a validation split")
-    p.add_argument("--max-docs", type=_count, default=0, help="use at most N documents (0: all)")
+    p.add_argument("--batch-docs", type=positive_int, default=1000, help="documents packed together")
+    p.add_argument("--val-docs", type=nonnegative_int, default=0,
+                   help="hold out the first N documents as a validation split")
+    p.add_argument("--max-docs", type=nonnegative_int, default=0, help="use at most N documents (0: all)")
     p.add_argument("--encoding", default=None,
                    help=".txt/.jsonl text encoding (default: the byte-order mark's, else strict UTF-8)")
     p.add_argument("--num-proc", type=int, default=None)

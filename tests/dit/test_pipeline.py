@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from mhla_dit.checkpoints import load_model, read_metadata
 from mhla_dit.data import LatentDataset, read_meta, shard_paths
+from mhla_dit.diffusion import sample
 from mhla_dit.extract_features import main as extract
 from mhla_dit.sample import main as sample_main
 from mhla_dit.train import epoch_batches
@@ -132,6 +133,32 @@ def test_sample_grid_png(checkpoint, tmp_path):
                         "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
     img = Image.open(path)
     assert img.format == "PNG" and img.size == (2 * IMAGE_SIZE + 6, IMAGE_SIZE + 4)  # 2 images, 2 px borders
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--class-labels", "0", "2"], "--class-labels"),  # the model has classes 0 and 1
+    (["--class-labels", "-1"], "--class-labels"),
+])
+def test_sample_rejects_labels_outside_the_model(checkpoint, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        sample_main(["--ckpt", str(checkpoint), *argv, "--num-sampling-steps", "2", "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"])
+
+
+@pytest.mark.parametrize("flag", ["--num-sampling-steps", "--nrow", "--per-proc-batch-size"])
+def test_sample_rejects_counts_below_one(checkpoint, capsys, flag):
+    with pytest.raises(SystemExit):
+        sample_main(["--ckpt", str(checkpoint), flag, "0"])
+    assert flag in capsys.readouterr().err
+
+
+def test_diffusion_sample_checks_steps_and_labels(checkpoint):
+    model, _ = load_model(checkpoint)
+    shape = (model.in_channels, model.grid[0] * model.patch_size, model.grid[1] * model.patch_size)
+    with pytest.raises(ValueError, match="num_steps"):
+        sample(model, torch.tensor([0]), shape, num_steps=0)
+    with pytest.raises(ValueError, match="labels outside"):
+        sample(model, torch.tensor([5]), shape, num_steps=1)
 
 
 def test_ddp_sampler_writes_adm_npz(checkpoint, tmp_path, monkeypatch):
