@@ -248,7 +248,7 @@ class DiT(nn.Module):
         The guided noise prediction (all C channels) replaces both halves; the variance channels pass through.
         """
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
+        out = self(torch.cat([half, half]), t, y)  # through __call__: a compiled forward applies
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond, uncond = eps.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from mhla_core.checkpoint import atomic_write
+from mhla_core.compile import add_compile_args, compile_model, compile_settings
 from mhla_core.training.args import nonnegative_int, positive_int
 from mhla_dit.checkpoints import load_model
 from mhla_dit.data import save_npy
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp-dtype", default="none", choices=["none", "bfloat16", "float16"],
       help="autocast dtype on CUDA for the model ('bfloat16' is faster)")
     a("--progress", action="store_true", help="a progress bar over the denoising steps")
+    add_compile_args(p)
     return p
 
 
@@ -99,6 +101,7 @@ def _setup(args: argparse.Namespace):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # DiT's sampling default
     model, meta = load_model(args.ckpt, device)
+    compile_model(model, *compile_settings(args))
     data = meta.get("data", {})
     vae = args.vae if args.vae is not None else data.get("vae")
     scale = args.scale if args.scale is not None else data.get("scale", 0.18215)

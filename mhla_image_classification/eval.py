@@ -21,6 +21,7 @@ from timm.data import resolve_data_config
 
 import mhla_image_classification  # noqa: F401  (registers the models with timm)
 from mhla_core.checkpoint import load_weights
+from mhla_core.compile import add_compile_args, compile_model, compile_settings
 from mhla_core.config import ParseKwargs, load_yaml
 from mhla_image_classification.data import build_transforms, check_split, eval_loader
 from mhla_image_classification.evaluate import evaluate
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="timed batches per model in --throughput")
     p.add_argument("--train", action="store_true", help="--throughput of training steps instead of inference")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_compile_args(p, timm_spelling=True)
     return p
 
 
@@ -93,36 +95,40 @@ def _images_per_second(model: torch.nn.Module, x: torch.Tensor, device: torch.de
 
 
 def throughput(names: Sequence[str], batch_size: int, device: torch.device, steps: int, img_size: int | None,
-               model_kwargs: dict, train: bool = False) -> list[dict]:
+               model_kwargs: dict, train: bool = False,
+               compile_with: tuple[str, str, str | None] = ("none", "inductor", None)) -> list[dict]:
     """Images per second (bf16 autocast on CUDA) of a forward pass, or with `train` of a full training
-    step (forward, backward, AdamW step) on random data, for each model name."""
+    step (forward, backward, AdamW step) on random data, for each model name; `compile_with` is
+    `compile_model`'s (how, backend, mode), the same for every model."""
     rows = []
     for name in names:
         ours = name.startswith(("mhla_", "linear_"))
         kwargs = {k: v for k, v in model_kwargs.items() if ours or k not in MHLA_KWARGS}
         if img_size:
             kwargs["img_size"] = img_size
-        model = timm.create_model(name, **kwargs).to(device).train(train)
+        model = compile_model(timm.create_model(name, **kwargs).to(device).train(train), *compile_with)
         override = {"input_size": (3, img_size, img_size)} if img_size else {}
         size = resolve_data_config(override, model=model)["input_size"]
         x = torch.randn(batch_size, *size, device=device)
         rate = _images_per_second(model, x, device, steps, train)
-        rows.append(dict(model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6, img_per_s=rate))
-        print(f"{name:36s} {rows[-1]['params_m']:7.2f}M  {rate:10.1f} img/s ({'train' if train else 'inference'})",
-              flush=True)
+        rows.append(dict(model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6, img_per_s=rate,
+                         compile=compile_with[0]))
+        print(f"{name:36s} {rows[-1]['params_m']:7.2f}M  {rate:10.1f} img/s ({'train' if train else 'inference'}, "
+              f"compile {compile_with[0]})", flush=True)
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict | list[dict]:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    settings = compile_settings(args)
     if args.throughput:
         return throughput(args.models, args.batch_size, device, args.steps, args.img_size, args.model_kwargs,
-                          train=args.train)
+                          train=args.train, compile_with=settings)
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required (or --throughput)")
     model, cfg = model_from_checkpoint(args.checkpoint)
-    model.to(device)
+    model = compile_model(model.to(device), *settings)
     data_cfg = resolve_data_config({"input_size": (3, cfg["img_size"], cfg["img_size"])} if cfg.get("img_size")
                                    else {}, model=model)
     _, eval_tf = build_transforms(data_cfg, argparse.Namespace(**cfg))

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from mhla_core.compile import add_compile_args, compile_model, compile_settings
+
 DEFAULT_NEGATIVE = ""  # Wan's long Chinese negative prompt is not the paper's setting; pass one with --negative-prompt
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 DOWNLOAD_HINT = ("fetch it first, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
@@ -183,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--skip-existing", action="store_true", help="skip prompts whose output already exists (resume a prompt set)")
     a("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process takes prompts i %% world == rank")
     a("--world", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE (torchrun)")
+    add_compile_args(p)  # "blocks": diffusers' compile_repeated_blocks on the transformer
     return p
 
 
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    compile_model(pipe.transformer, *compile_settings(args))
     if video_backend() is None:
         print("warning: no video writer (install imageio + imageio-ffmpeg, the `video` extra); saving PNG frames",
               file=sys.stderr)

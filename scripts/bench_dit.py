@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_core import constrain_mixing  # noqa: E402
+from mhla_core.compile import add_compile_args, compile_model, compile_settings  # noqa: E402
 from mhla_dit.diffusion import Diffusion  # noqa: E402
 from mhla_dit.models import create_model  # noqa: E402
 
@@ -73,12 +74,14 @@ def _under(backend) -> object:
     return sdpa_kernel(backend)
 
 
-def bench_one(name: str, res: int, attention: str, batch: int, device: torch.device, timer, tiny: bool) -> dict:
-    """Train and sample timings (ms) of one model; softmax: the best SDPA backend of each."""
+def bench_one(name: str, res: int, attention: str, batch: int, device: torch.device, timer, tiny: bool,
+              compile_with: tuple[str, str, str | None] = ("none", "inductor", None)) -> dict:
+    """Train and sample timings (ms) of one model; softmax: the best SDPA backend of each. `compile_with`:
+    `compile_model`'s (how, backend, mode), the same for every attention."""
     latent = res // 8
     kwargs = dict(input_size=latent, attention=attention, block_size=16, **(TINY if tiny else {}))
     with device:
-        model = create_model(name, **kwargs)
+        model = compile_model(create_model(name, **kwargs), *compile_with)
     diffusion = Diffusion()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     g = torch.Generator(device).manual_seed(0)
@@ -113,6 +116,9 @@ def bench_one(name: str, res: int, attention: str, batch: int, device: torch.dev
         for label, backend in (_sdpa_backends(device.type == "cuda") if attention == "softmax" else [("", None)]):
             try:
                 with _under(backend):
+                    if compile_with[0] != "none":
+                        for _ in range(2):  # compile (train and eval graphs) outside the timing
+                            fn()
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     ms = timer(fn)
@@ -140,12 +146,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             batch = args.batch or (2 if args.tiny else BATCH.get(res, 4))
             for attention in args.attentions:
                 t0 = time.time()
-                r = bench_one(name, res, attention, batch, device, timer, args.tiny)
+                r = bench_one(name, res, attention, batch, device, timer, args.tiny, compile_settings(args))
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()  # the model and optimiser state of the last run are gone
                 row = dict(model=name, res=res, tokens=(res // 8 // int(name.split("/")[1])) ** 2, batch=batch,
-                           attention=attention, **r)
+                           attention=attention, compile=args.compile, **r)
                 for kind, steps in (("train", 1), ("sample", 250)):
                     row[f"{kind}_img_s"] = batch / (steps * r[kind][0] / 1e3) if r[kind] else float("nan")
                 rows.append(row)
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], device_name: str) -> str:
+def markdown(rows: list[dict], device_name: str, command: str = "python scripts/bench_dit.py") -> str:
     """The throughput table with the card, versions and date."""
     import diffusers
 
@@ -170,7 +176,7 @@ def markdown(rows: list[dict], device_name: str) -> str:
         "",
         f"{device_name}; torch {torch.__version__} (CUDA {cuda_v}), triton {triton_v}, diffusers "
         f"{diffusers.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}. "
-        "`python scripts/bench_dit.py --markdown docs/benchmarks_dit.md`.",
+        f"`{command}`.",
         "",
         "Training: images/s of full updates (bf16 autocast, hybrid loss, backward, AdamW); sampling: images/s of "
         "250-step guided DDPM sampling, network only (2 forward images per sample, VAE decode excluded). "
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="tiny models (a smoke run, e.g. on CPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     p.add_argument("--markdown", default=None, help="write the table here")
+    add_compile_args(p)  # every attention compiled the same way
     return p
 
 
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(args)
     cuda = torch.cuda.is_available() and not args.cpu
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
-    table = markdown(rows, device_name)
+    table = markdown(rows, device_name, " ".join(["python scripts/bench_dit.py", *(argv or sys.argv[1:])]))
     print(table, flush=True)
     print(f"total {time.time() - t0:.0f} s", flush=True)
     if args.markdown:

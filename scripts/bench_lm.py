@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mhla_core.compile import add_compile_args, compile_model, compile_settings  # noqa: E402
 from mhla_nlp.train import _constrain, build_model  # noqa: E402
 from scripts.bench_timing import time_ms  # noqa: E402
 
@@ -83,7 +84,8 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         f"### Language models: training and decoding throughput ({info['card']}, {info['date']})",
         "",
         f"torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}, "
-        f"fla {info['fla']}; `python scripts/bench_lm.py`. Random weights, hidden {rows[0]['hidden']}, "
+        f"fla {info['fla']}; `python scripts/bench_lm.py` (compile: {args.compile}). Random weights, "
+        f"hidden {rows[0]['hidden']}, "
         f"{rows[0]['layers']} layers, bf16 autocast. Training: {args.train_batch} x {args.train_len} tokens per "
         f"step (forward, loss, backward, AdamW). Decoding: batch {args.decode_batch}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, greedy with the cache, prefill excluded (MHLA decode steps: "
@@ -117,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--tiny", action="store_true", help="2-layer width-64 models, short sequences (CPU smoke run)")
     a("--markdown", default=None, help="append the table to this file")
+    add_compile_args(p)  # every model compiled the same way; "blocks" compiles the decoder layers
     return p
 
 
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in models:
         torch.manual_seed(0)
         model = build_model(name, TINY[name] if args.tiny else None).to(device)
+        compile_model(model, *compile_settings(args))
         cfg = model.config
         for m in model.modules():
             if hasattr(m, "decode_backend"):

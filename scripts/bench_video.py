@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mhla_core.compile import add_compile_args, compile_model, compile_settings  # noqa: E402
 from scripts.bench_timing import time_ms  # noqa: E402
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -92,7 +93,7 @@ def run(args) -> tuple[list[dict], dict]:
     text = torch.randn(1, args.text_len, cfg["text_dim"], generator=g).to(device, dtype)
     rows = []
     for kind in args.models:
-        model = build(kind, cfg, device, dtype, tuple(args.block_layout))
+        model = compile_model(build(kind, cfg, device, dtype, tuple(args.block_layout)), *compile_settings(args))
         n_mhla = len(getattr(model.config, "mhla_layers", []) or [])
         for prec in ["reference"] if kind == "softmax" else args.mhla_precision:
             if kind != "softmax":
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--markdown", default=None, help="append the table to this file")
     a("--tiny", action="store_true", help="tiny config, small grid (implies a 5x64x96 clip unless given)")
     a("--cpu", action="store_true")
+    add_compile_args(p)  # every model compiled the same way ("blocks": diffusers' compile_repeated_blocks)
     return p
 
 

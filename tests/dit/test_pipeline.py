@@ -161,6 +161,14 @@ def test_diffusion_sample_checks_steps_and_labels(checkpoint):
         sample(model, torch.tensor([5]), shape, num_steps=1)
 
 
+def test_sample_grid_compiled_matches_eager(checkpoint, tmp_path):
+    argv = ["--ckpt", str(checkpoint), "--class-labels", "0", "1", "--num-sampling-steps", "3", "--device", "cpu"]
+    eager = np.asarray(Image.open(sample_main([*argv, "--out", str(tmp_path / "e.png")])), dtype=np.int16)
+    comp = np.asarray(Image.open(sample_main([*argv, "--out", str(tmp_path / "c.png"), "--compile", "blocks",
+                                              "--compile-backend", "aot_eager"])), dtype=np.int16)
+    assert np.abs(eager - comp).max() <= 1  # the same images up to uint8 rounding
+
+
 def test_ddp_sampler_writes_adm_npz(checkpoint, tmp_path, monkeypatch):
     _torchrun_env(monkeypatch, 29518)
     npz = tmp_path / "samples.npz"

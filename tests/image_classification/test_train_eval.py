@@ -82,6 +82,14 @@ def test_eval_script_on_checkpoint_and_throughput(image_folder, tmp_path):
                              "--batch-size", "2", "--steps", "1", "--device", "cpu"])
     assert [r["model"] for r in rows] == ["mhla_deit_tiny_patch16_224", "deit_tiny_patch16_224"]
     assert all(r["img_per_s"] > 0 for r in rows)
+    rows = eval_script.main(["--throughput", "--models", "mhla_deit_tiny_patch16_224", "--model-kwargs", "embed_dim=32",
+                             "depth=1", "num_heads=2", "--img-size", "64", "--batch-size", "2", "--steps", "1",
+                             "--device", "cpu", "--torchcompile", "aot_eager"])
+    assert rows[0]["compile"] == "full" and rows[0]["img_per_s"] > 0
+    compiled = eval_script.main(["--checkpoint", str(tmp_path / "run" / "last" / "model.safetensors"), "--data-dir",
+                                 str(image_folder), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                                 "--compile", "blocks", "--compile-backend", "aot_eager"])
+    assert compiled["count"] == 12 and abs(compiled["top1"] - metrics["top1"]) < 1e-6
 
 
 def test_clear_errors(image_folder, tmp_path):

@@ -21,3 +21,11 @@ def test_bench_lm_tiny(tmp_path):
         assert r["train_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["params"] > 0
     text = md.read_text()
     assert "| MHLA |" in text and "| Transformer++ (Llama, SDPA) | " in text and "1.00x" in text
+
+
+def test_bench_lm_tiny_compiled_blocks(tmp_path):
+    md = tmp_path / "bench.md"
+    rows = _load().main(["--tiny", "--device", "cpu", "--models", "mhla", "transformer", "--compile", "blocks",
+                         "--compile-backend", "aot_eager", "--markdown", str(md)])
+    assert all(r["train_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert "(compile: blocks)" in md.read_text()

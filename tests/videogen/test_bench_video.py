@@ -32,3 +32,13 @@ def test_bench_tiny_cpu_both_precisions(tmp_path):
     rows = bench.main(["--tiny", "--cpu", "--models", "softmax", "full", "--mhla-precision", "reference", "fast"])
     assert [r["model"] for r in rows] == ["softmax", "full", "full-fast"]
     assert rows[2]["speedup"] > 0 and rows[2]["mhla_layers"] == 3
+
+
+def test_bench_tiny_cpu_compiled_blocks():
+    """--compile blocks goes through diffusers' compile_repeated_blocks on both transformers."""
+    spec = importlib.util.spec_from_file_location("bench_video", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--tiny", "--cpu", "--models", "softmax", "full", "--compile", "blocks", "--compile-backend",
+                       "aot_eager", "--reps", "1", "--warmup", "1"])
+    assert [r["model"] for r in rows] == ["softmax", "full"] and all(r["forward_ms"] > 0 for r in rows)
