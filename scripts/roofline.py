@@ -2,15 +2,17 @@
 
     python scripts/roofline.py [--flops 790e12] [--bandwidth 4.3e12] [--measured docs/results/bench_ops_2026-12-01.log]
 
-Counts follow the kernels as written (bf16 tokens, fp32 block states; head dims padded as the kernels pad
-them: the parallel path to a power of two, the state path's state rows unpadded):
+Counts follow the kernels as written (bf16 tokens; block states X and the forward's X~ in bf16 unless
+`--fp32-states`, the backward's X~ and gradients fp32, its X fp32 too with the exact normaliser, which is
+what bench_ops times; head dims padded as the kernels pad them: the parallel path to a power of two, the
+state path's state rows unpadded):
 
 - parallel path: 8 tile products of 2 N^2 D each over fwd+bwd (fwd: q k^T, A v; dq: dO v^T, dS k;
   dkdv: k q^T, v dO^T, P^T dO, dS^T q); tokens: q, k, v read and o written forward, q, k, v, o, dO read and
   dq, dk, dv written backward.
 - state path: token products 2 N Dk Dv each: forward 2 (state, output), backward 6 (state recompute, the
   backward query kernel's numerator, dS~ and dq, the key kernel's dk and dv); mixing GEMMs 2 M^2 C each
-  (C = Dk Dv + Dk state columns): forward 1, backward 3 (mix, dW, mix^T); state passes of M C fp32 each:
+  (C = Dk Dv + Dk state columns): forward 1, backward 3 (mix, dW, mix^T); state passes of M C each:
   forward 4 (write X, mix read + write, output read), backward 10 (write X, mix read + write, query kernel
   read X~ + write dX~, dW read dX~ and X, mix^T read + write, key kernel read dX); token passes as the
   parallel path plus k, v read again by the backward's state kernel.
@@ -44,11 +46,17 @@ def parallel(B: int, H: int, N: int, D: int) -> tuple[float, float]:
     return flops, tokens
 
 
-def state(B: int, H: int, N: int, D: int, M: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of one fwd+bwd on the block-state path."""
+def state(B: int, H: int, N: int, D: int, M: int, state_bytes: int = 2, exact: bool = True) -> tuple[float, float]:
+    """(FLOPs, bytes) of one fwd+bwd on the block-state path; `state_bytes` of X and the forward's X~
+    (2: bf16, the default `StateConfig.state_dtype`; 4: fp32). The backward's X~ and gradients are fp32,
+    and its X too with the `exact` normaliser."""
     C = D * D + D
     flops = (8 * 2.0 * N * D * D + 4 * 2.0 * M * M * C) * B * H
-    states = 14 * M * C * 4.0 * B * H
+    x_bwd = 4 if exact else state_bytes
+    # fwd: write X, mix read X + write X~, output read X~; bwd: write X, mix read X (+ write X~ fp32),
+    # dW read X; the other 7 backward passes are fp32 (X~ write, query kernel 2, dW dX~, mix^T 2, key kernel)
+    per_row = 4 * state_bytes + 3 * x_bwd + 7 * 4
+    states = per_row * M * C * float(B * H)
     tokens = (4 + 8 + 2) * B * N * H * D * TOKEN_BYTES
     return flops, states + tokens
 
@@ -67,13 +75,13 @@ def measured_gpu_ms(log: Path) -> dict[str, float]:
     return out
 
 
-def table(peak_flops: float, peak_bw: float, measured: dict[str, float]) -> str:
+def table(peak_flops: float, peak_bw: float, measured: dict[str, float], state_bytes: int = 2) -> str:
     head = ("| shape | path | GFLOP | MB | FLOP floor ms | byte floor ms | floor ms | measured GPU ms "
             "| measured / floor |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for name, B, H, N, D, M in SHAPES:
         chosen = choose_path(B, H, N, N // M, D, D, TOKEN_BYTES, DEFAULT_CONFIG)
-        for path, (f, b) in (("parallel", parallel(B, H, N, D)), ("state", state(B, H, N, D, M))):
+        for path, (f, b) in (("parallel", parallel(B, H, N, D)), ("state", state(B, H, N, D, M, state_bytes))):
             tf, tb = f / peak_flops * 1e3, b / peak_bw * 1e3
             floor = max(tf, tb)
             got = measured.get(name) if path == chosen else None
@@ -89,11 +97,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--flops", type=float, default=790e12, help="peak bf16 tensor FLOP/s (H200, measured)")
     ap.add_argument("--bandwidth", type=float, default=4.3e12, help="peak HBM bytes/s (H200, measured)")
     ap.add_argument("--measured", type=Path, default=None, help="a bench_ops log for the measured column")
+    ap.add_argument("--fp32-states", action="store_true", help="count fp32 block states (before 2026-12-02)")
     args = ap.parse_args(argv)
     if args.flops <= 0 or args.bandwidth <= 0:
         ap.error("--flops and --bandwidth must be positive")
     measured = measured_gpu_ms(args.measured) if args.measured else {}
-    text = table(args.flops, args.bandwidth, measured)
+    text = table(args.flops, args.bandwidth, measured, 4 if args.fp32_states else 2)
     print(text)
     return text
 
