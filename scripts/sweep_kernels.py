@@ -32,16 +32,12 @@ TOKEN_KERNELS = ("state_kernel", "out_kernel", "bwd_q_kernel", "bwd_kv_kernel")
 NORMS = {"exact": {}, "reference": {"normalizer": "reference"}, "none": {"normalize": False}}
 WS = {"mix_impl": "stationary"}
 # changes to the default StateConfig: a dict changes fields of that launch setting, anything else is the value
-BEFORE = {"state_dtype": "float32", "mix_impl": "triton", "bwd_tf32_half": "always", "bwd_q_split": False,
+BEFORE = {"state_dtype": "float32", "mix_impl": "triton", "bwd_tf32_half": "always",
           "bwd_q_kernel": {"block_t": 32}}  # the defaults at the start of 2026-12-02
 VARIANTS = {
     "default": {},
     "before (2026-12-02 start)": BEFORE,
-    "split": {"bwd_q_split": True},
     "fp32 states": {"state_dtype": "float32"},
-    "split, bwd_dq T32": {"bwd_q_split": True, "bwd_q_kernel": {"block_t": 32}},
-    "split, bwd_ds T128": {"bwd_q_split": True, "bwd_ds_kernel": {"block_t": 128}},
-    "split, bwd_dq w4": {"bwd_q_split": True, "bwd_q_kernel": {"num_warps": 4}, "bwd_q_kernel_hp": {"num_warps": 4}},
     "stationary, fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
     "stationary, fp32 I64": {**WS, "mix_ws_kernel_fp32": {"block_i": 64}},
     "tiled mix": {"mix_impl": "triton"},

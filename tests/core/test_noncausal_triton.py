@@ -401,17 +401,6 @@ def test_backward_operand_precision_follows_normaliser():
         assert K.make_plan(q, q, 16, 4, norm, cfg).hp == hp
 
 
-@pytest.mark.parametrize("split", [True, False])
-@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
-@pytest.mark.parametrize("dv", [16, 48])  # one Dv tile / three (max_block_dv = 16)
-def test_split_backward(split, normalize, normalizer, dv):
-    """The state path's backward with `_bwd_q` split in two kernels and as one (default), one and several Dv
-    tiles, fp32 against the float64 reference."""
-    cfg = _config("state", bwd_q_split=split, max_block_dv=16, max_block_dv_fp32=16)
-    err, errs = _compare(2, 2, 5, 6, 16, dv, True, normalize, normalizer, config=cfg)
-    assert err < TOL[torch.float32], errs
-
-
 def test_auto_mixing_choice():
     """mix_impl "auto": weight-stationary for bf16 states up to mix_ws_max_m blocks, for fp32 states only
     when M fills its W row tiles, the tiled kernel beyond mix_ws_max_m."""

@@ -30,11 +30,10 @@ inputs, the products with S~ in the backward (num and dq) take fp32 operands (tf
 
 Two paths:
   * "state" (any size): kernel `_state` writes X, `_mix` forms X~ (in place when one program column
-    covers all M rows), `_out` writes o. Backward recomputes X and X~; `_bwd_dq` writes dq and, per
-    token, 1/den and c (it only reads X~, like `_out`); `_bwd_ds` then writes dX~ in place over X~ (it
-    reads only q, dO, 1/den and c, like `_state`); `_dw` reduces dW, `_mix` forms dX = W^T dX~ in place,
-    `_bwd_kv` writes dk, dv. Three launches forward, seven backward (`StateConfig.bwd_q_split=False`:
-    one `_bwd_q` per query block does both, six).
+    covers all M rows), `_out` writes o. Backward recomputes X and X~, `_bwd_q` writes dX~ (in place
+    over X~) and dq, `_dw` reduces dW, `_mix` forms dX = W^T dX~ in place, `_bwd_kv` writes dk, dv.
+    Three launches forward, six backward. (A split of `_bwd_q` into a dq kernel and a dX~ kernel was
+    measured slower on the H200, 2026-12-02, and removed: docs/kernels.md.)
   * "direct" (small M, L and head dims: `StateConfig.direct_max_*`): each query-block program forms
     S~_i = sum_j W[i,j] S_j from k, v itself, so the forward is one launch and no state touches HBM;
     the backward is two launches (`_bwd_q` direct, then `_bwd_kv` direct, which also forms
@@ -356,126 +355,6 @@ def _bwd_q_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    q_ptr, do_ptr, x_ptr, dq_ptr, r_ptr, c_ptr, map_ptr,
-    sq_b, sq_t, sq_h, sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
-    H, L, M, RS, NPOS, scale, eps,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_T: tl.constexpr, NORM: tl.constexpr, NUM_DV_TILES: tl.constexpr, HP: tl.constexpr,
-    HP_PREC: tl.constexpr, GRID: tl.constexpr,
-):
-    """Split backward, part 1 (state path), query block i: dq, and per token 1/den and c (normalisers).
-
-    Reads X~ (S~_i, z~_i or p~_i) and writes no state, so `_bwd_ds` may then overwrite X~ with dX~.
-    """
-    i, _, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
-    row = x_ptr + (bh * M + i).to(tl.int64) * RS
-    if NORM == 1:
-        z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
-    if HP:
-        sdt = tl.float32
-    else:
-        sdt = q_ptr.dtype.element_ty
-    if NUM_DV_TILES == 1:
-        s_op = _cast(tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :],
-                             other=0.0), sdt)
-    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
-    db = _block_ptr(do_ptr, b, h, i, L, sd_b, sd_t, sd_h, GRID)
-    dqb = _block_ptr(dq_ptr, b, h, i, L, sdq_b, sdq_t, sdq_h, GRID)
-    tok = r_ptr + bh.to(tl.int64) * NPOS + i * L
-    ctok = c_ptr + bh.to(tl.int64) * NPOS + i * L
-    for t0 in range(0, L, BLOCK_T):
-        tt = t0 + offs_t
-        mt = tt < L
-        rr, mr = _block_rows(map_ptr, i, tt, mt, L, GRID)
-        qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
-        q_op = _cast(qt, sdt)
-        if NUM_DV_TILES == 1:
-            dot_ = _tile(db, rr, mr, sd_t, offs_v, mv).to(tl.float32)
-        if NORM > 0:
-            if NORM == 1:
-                den = tl.sum(qt.to(tl.float32) * z_m[None, :], axis=1) * scale + eps
-            else:
-                den = tl.load(row + DK * DV + DK + tt, mask=mt, other=1.0).to(tl.float32) + eps
-            # c = dL/dden = -(dO . num) / den^2 over all of Dv, num = q' S~ recomputed
-            if NUM_DV_TILES == 1:
-                do_n = tl.sum(dot_ * _dot(q_op, s_op, None, HP_PREC), axis=1)
-            else:
-                do_n = tl.zeros([BLOCK_T], dtype=tl.float32)
-                for v0 in range(0, DV, BLOCK_DV):
-                    offs_c = v0 + tl.arange(0, BLOCK_DV)
-                    mc = offs_c < DV
-                    dc = _tile(db, rr, mr, sd_t, offs_c, mc).to(tl.float32)
-                    sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :],
-                                 mask=mk[:, None] & mc[None, :], other=0.0)
-                    do_n += tl.sum(dc * _dot(q_op, _cast(sc, sdt), None, HP_PREC), axis=1)
-            rinv = 1.0 / den
-            c = -do_n * scale * rinv * rinv
-            tl.store(tok + tt, rinv, mask=mt)
-            tl.store(ctok + tt, c, mask=mt)
-        if NUM_DV_TILES == 1:
-            g = dot_
-            if NORM > 0:
-                g = g * rinv[:, None]
-            dqt = _dot(_cast(g, sdt), tl.trans(s_op), None, HP_PREC)
-        else:
-            dqt = tl.zeros([BLOCK_T, BLOCK_DK], dtype=tl.float32)
-            for v0 in range(0, DV, BLOCK_DV):
-                offs_c = v0 + tl.arange(0, BLOCK_DV)
-                mc = offs_c < DV
-                gc = _tile(db, rr, mr, sd_t, offs_c, mc).to(tl.float32)
-                if NORM > 0:
-                    gc = gc * rinv[:, None]
-                sc = tl.load(row + offs_k[:, None] * DV + offs_c[None, :], mask=mk[:, None] & mc[None, :], other=0.0)
-                dqt = _dot(_cast(gc, sdt), tl.trans(_cast(sc, sdt)), dqt, HP_PREC)
-        if NORM == 1:
-            dqt += c[:, None] * z_m[None, :]
-        tl.store(dqb + rr[:, None] * sdq_t + offs_k[None, :], _cast(dqt * scale, dq_ptr.dtype.element_ty),
-                 mask=mr[:, None] & mk[None, :])
-
-
-@triton.jit
-def _bwd_ds_kernel(
-    q_ptr, do_ptr, dx_ptr, r_ptr, c_ptr, map_ptr,
-    sq_b, sq_t, sq_h, sd_b, sd_t, sd_h,
-    H, L, M, RS, NPOS, scale,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_T: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, GRID: tl.constexpr,
-):
-    """Split backward, part 2 (state path): dX~_i = [s Q_i^T G_i | s Q_i^T c_i | c_i] of query block i
-    (Dv tile = program 1) from q, dO and `_bwd_dq`'s 1/den and c; reads no state."""
-    i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
-    dt = q_ptr.dtype.element_ty
-    qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
-    db = _block_ptr(do_ptr, b, h, i, L, sd_b, sd_t, sd_h, GRID)
-    drow = dx_ptr + (bh * M + i).to(tl.int64) * RS
-    xdt = dx_ptr.dtype.element_ty
-    tok = r_ptr + bh.to(tl.int64) * NPOS + i * L
-    ctok = c_ptr + bh.to(tl.int64) * NPOS + i * L
-    ds_acc = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
-    dz_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
-    for t0 in range(0, L, BLOCK_T):
-        tt = t0 + offs_t
-        mt = tt < L
-        rr, mr = _block_rows(map_ptr, i, tt, mt, L, GRID)
-        qt = _tile(qb, rr, mr, sq_t, offs_k, mk)
-        g = _tile(db, rr, mr, sd_t, offs_v, mv).to(tl.float32)
-        if NORM > 0:
-            g = g * tl.load(tok + tt, mask=mt, other=0.0)[:, None]
-            c = tl.load(ctok + tt, mask=mt, other=0.0)
-            if NORM == 1:
-                dz_acc += tl.sum(qt.to(tl.float32) * c[:, None], axis=0)
-            elif jv == 0:
-                tl.store(drow + DK * DV + DK + tt, _cast(c, xdt), mask=mt)
-        ds_acc = _dot(tl.trans(qt), _cast(g, dt), ds_acc, PREC)
-    tl.store(drow + offs_k[:, None] * DV + offs_v[None, :], _cast(ds_acc * scale, xdt),
-             mask=mk[:, None] & mv[None, :])
-    if NORM > 0:  # dz~ = 0 for the reference normaliser
-        if jv == 0:
-            tl.store(drow + DK * DV + offs_k, _cast(dz_acc * scale, xdt), mask=mk)
-
-
-@triton.jit
 def _bwd_kv_kernel(
     q_ptr, k_ptr, v_ptr, w_ptr, z_ptr, dx_ptr, dq_ptr, dk_ptr, dv_ptr, dwp_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
@@ -618,7 +497,7 @@ class Plan:
     config: StateConfig  # the launch settings the launchers read
 
     def token_block(self, name: str) -> int:
-        """BLOCK_T of token kernel `name` ("state", "out", "bwd_q", "bwd_ds", "bwd_kv"): the whole block on the
+        """BLOCK_T of token kernel `name` ("state", "out", "bwd_q", "bwd_kv"): the whole block on the
         direct path."""
         if self.direct:
             return _pow2(self.L)
@@ -741,34 +620,13 @@ def forward(q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateC
     return o
 
 
-def _bwd_q_split(p: Plan, q, do, xm, dq, mp, gflag: bool, scale: float, eps: float) -> None:
-    """dq and dX~ (in place over X~) by `_bwd_dq` (which only reads X~) then `_bwd_ds` (which only writes it)."""
-    BH, npos = p.B * p.H, p.M * p.L
-    r = torch.empty((BH, npos), dtype=torch.float32, device=q.device) if p.norm else xm  # xm: unused
-    c = torch.empty_like(r) if p.norm else xm
-    dims = dict(DK=p.DK, DV=p.DV, BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, NORM=p.norm, GRID=gflag)
-    _launch(
-        _bwd_dq_kernel, (p.M, 1, BH),
-        (q, do, xm, dq, r, c, mp, *_strides(q), *_strides(do), *_strides(dq), p.H, p.L, p.M, p.row_stride, npos,
-         scale, eps),
-        dict(dims, BLOCK_T=p.token_block("bwd_q"), NUM_DV_TILES=p.n_dv, HP=p.hp, HP_PREC="tf32" if p.hp else p.prec),
-        p.launch("bwd_q"),
-    )
-    _launch(
-        _bwd_ds_kernel, (p.M, p.n_dv, BH),
-        (q, do, xm, r, c, mp, *_strides(q), *_strides(do), p.H, p.L, p.M, p.row_stride, npos, scale),
-        dict(dims, BLOCK_T=p.token_block("bwd_ds"), PREC=p.prec),
-        p.launch("bwd_ds"),
-    )
-
-
 def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: StateConfig, need_dw: bool = True,
              rowmap=None):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) for the gradient do of forward(q, k, v, w, ..., cfg).
 
     State path buffers ([B * H, M, RS]): X (recomputed in the plan's state dtype, fp32 for the exact
     normaliser) and X~ (fp32), which becomes dX~ and then dX in place, so at most two are alive; dk and
-    dv are allocated after X is freed. The split `_bwd_q` adds two fp32 [B * H, M L] token vectors.
+    dv are allocated after X is freed.
     """
     w3, sw_h = _mixing3(w)
     p = make_plan(q, v, L, w3.shape[-1], norm, cfg)
@@ -788,20 +646,16 @@ def backward(do, q, k, v, w, L: int, norm: int, eps: float, scale: float, cfg: S
         # (interpreter, M = 40, L = 30: 3.9e-2 vs 1.7e-3), so X is recomputed in fp32 too.
         x = _states(p, q, k, v, scale, rowmap, torch.float32 if norm == NORM_EXACT else None)
         xm = _mix(p, w3, sw_h, x, trans=False, inplace_ok=False, out_dtype=torch.float32)
-        # one kernel with several Dv tiles: program 0 reads all of S~_i while the others write
-        inplace = p.n_dv == 1 or cfg.bwd_q_split
+        inplace = p.n_dv == 1  # with several Dv tiles, program 0 reads all of S~_i while others write
         dxt = xm if inplace else torch.empty_like(xm)
-    if p.direct or not cfg.bwd_q_split:
-        _launch(
-            _bwd_q_kernel, grid,
-            (q, k, v, do, w3, xm, dxt, dq, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-             *_strides(dq), sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
-            dict(dims, BLOCK_T=p.token_block("bwd_q"), INPLACE=inplace, HP=p.hp,
-                 HP_PREC="tf32" if p.hp else p.prec),
-            p.launch("bwd_q"),
-        )
-    else:
-        _bwd_q_split(p, q, do, xm, dq, mp, gflag, scale, eps)
+    _launch(
+        _bwd_q_kernel, grid,
+        (q, k, v, do, w3, xm, dxt, dq, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+         *_strides(dq), sw_h, p.H, p.L, p.M, p.row_stride, scale, eps),
+        dict(dims, BLOCK_T=p.token_block("bwd_q"), INPLACE=inplace, HP=p.hp,
+             HP_PREC="tf32" if p.hp else p.prec),
+        p.launch("bwd_q"),
+    )
     del xm
     dw = None
     if p.direct:

@@ -121,7 +121,7 @@ class DwLaunch:
 
 _LAUNCH_TYPES = {
     "state_kernel": TokenLaunch, "out_kernel": TokenLaunch, "bwd_q_kernel": TokenLaunch,
-    "bwd_q_kernel_hp": TokenLaunch, "bwd_ds_kernel": TokenLaunch, "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch,
+    "bwd_q_kernel_hp": TokenLaunch, "bwd_kv_kernel": TokenLaunch, "direct_kernel": Launch,
     "direct_kernel_large": Launch,
     "mix_kernel": MixLaunch, "mix_kernel_bf16": MixLaunch, "dw_kernel": DwLaunch,
     "mix_ws_kernel": MixStationaryLaunch, "mix_ws_kernel_fp32": MixStationaryLaunch,
@@ -156,10 +156,6 @@ class StateConfig:
         tf32 operands instead of bf16: "exact" (with the exact normaliser only, where dq = s (S~ g + c z~)
         is a difference of two close terms; without a normaliser or with the reference one dq has no
         such term), "always" (the behaviour before 2026-12-02) or "never". fp16 inputs always use tf32.
-    bwd_q_split: the state path's `_bwd_q` as two kernels: `_bwd_dq` (dq, 1/den and c per token; settings
-        bwd_q_kernel / bwd_q_kernel_hp) and `_bwd_ds` (dX~, like `_state`; bwd_ds_kernel). False: one
-        kernel per query block that does both (default: the split was slower on the H200 at Wan, 126K and
-        DiT-XL/2 512, e.g. Wan fwd+bwd 2.182 vs 1.839 ms; docs/kernels.md).
     state_dtype: storage of the block states X and of the forward's mixed states X~ for half inputs:
         "float32", or "bfloat16" (half their bytes; the mixing of bf16 states takes bf16 operands,
         accumulation stays fp32). The backward's X~ and the state gradients stay fp32, and so does its X
@@ -172,7 +168,6 @@ class StateConfig:
     out_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     bwd_q_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     bwd_q_kernel_hp: TokenLaunch = field(default_factory=lambda: TokenLaunch(32, 8, 2))
-    bwd_ds_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     bwd_kv_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))
     direct_kernel: Launch = field(default_factory=lambda: Launch(4, 2))
     direct_kernel_large: Launch = field(default_factory=lambda: Launch(8, 2))
@@ -194,7 +189,6 @@ class StateConfig:
     mix_prec_half: str = "tf32"
     mix_impl: str = "auto"
     bwd_tf32_half: str = "exact"
-    bwd_q_split: bool = False
     state_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -221,8 +215,6 @@ class StateConfig:
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0):
                 raise ValueError(f"StateConfig.{name} must be a finite number > 0, got {x!r}")
-        if not isinstance(self.bwd_q_split, bool):
-            raise ValueError(f"StateConfig.bwd_q_split must be a bool, got {self.bwd_q_split!r}")
         if self.bwd_tf32_half not in BWD_TF32:
             raise ValueError(f"StateConfig.bwd_tf32_half must be one of {BWD_TF32}, got {self.bwd_tf32_half!r}")
 
@@ -230,8 +222,7 @@ class StateConfig:
 # small tiles keep the interpreter fast (CPU tests); everything else as on the GPU
 _SMALL = TokenLaunch(16, 4, 1)
 INTERPRET_STATE_CONFIG = StateConfig(
-    state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_q_kernel_hp=_SMALL, bwd_ds_kernel=_SMALL,
-    bwd_kv_kernel=_SMALL,
+    state_kernel=_SMALL, out_kernel=_SMALL, bwd_q_kernel=_SMALL, bwd_q_kernel_hp=_SMALL, bwd_kv_kernel=_SMALL,
     mix_kernel=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
     mix_kernel_bf16=MixLaunch(block_i=256, block_i_large=16, block_j=16, block_c=256, num_warps=4, num_stages=1),
     dw_kernel=DwLaunch(block_i=128, block_c=256, num_warps=4, num_stages=1, min_programs=1),
