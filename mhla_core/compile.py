@@ -9,7 +9,7 @@ its repeated blocks, the
 regional compilation that builds much faster on deep models: diffusers' `compile_repeated_blocks` where the
 model declares `_repeated_blocks` (Wan), else every module of `model.blocks` (timm ViTs, our DiT) or of
 `model.layers` / `model.model.layers` (language models), each compiled in place. The MHLA ops are custom
-ops with fake implementations, so neither breaks a graph. The trainers take `--compile` through
+ops with fake implementations, so neither breaks a graph. The trainers take the same flags through
 `mhla_core.training`.
 """
 

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=nonnegative_int, default=0, help="stop after N updates (0: run all epochs)")
     a("--eval-every", type=nonnegative_int, default=1, help="evaluate every N epochs (0: never)")
     a("--amp", action="store_true", help="timm's spelling: mixed precision (on by default here; see --amp-dtype)")
-    a("--torchcompile", nargs="?", const=True, dest="compile", help="timm's spelling of --compile [BACKEND]")
-    training.add_training_args(p, seed=42, checkpoint_every=0, log_interval=50, grad_checkpointing=False)
+    training.add_training_args(p, seed=42, checkpoint_every=0, log_interval=50, grad_checkpointing=False,
+                               timm_spelling=True)
     return p
 
 

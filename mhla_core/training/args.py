@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mhla_core.compile import add_compile_args
+
 
 def make_parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with the module docstring as help and no prefix matching (`--drop` is not `--drop-path`)."""
@@ -29,10 +31,11 @@ def nonnegative_int(text: str) -> int:
 
 def add_training_args(p: argparse.ArgumentParser, *, seed: int = 0, output: str | None = None,
                       checkpoint_every: int = 0, log_interval: int = 100,
-                      grad_checkpointing: bool | None = False) -> None:
+                      grad_checkpointing: bool | None = False, timm_spelling: bool = False) -> None:
     """Run-folder, precision, accumulation, compile, resume and tracker flags (same names in every trainer).
 
-    `grad_checkpointing=None` leaves the flag out (a model without activation checkpointing)."""
+    `grad_checkpointing=None` leaves the flag out (a model without activation checkpointing);
+    `timm_spelling` adds timm's --torchcompile [BACKEND] beside --compile [full|blocks]."""
     a = p.add_argument
     a("--config", default=None, help="YAML file of defaults (keys are the flag names with underscores)")
     a("--output", default=output, help="run folder (default: runs/<experiment or model>)")
@@ -43,7 +46,7 @@ def add_training_args(p: argparse.ArgumentParser, *, seed: int = 0, output: str 
       help="autocast dtype on CUDA; float16 adds dynamic loss scaling; CPU runs in fp32")
     a("--grad-accum-steps", type=positive_int, default=1,
       help="micro-batches per optimiser step (the global batch stays the same)")
-    a("--compile", action="store_true", help="torch.compile the model")
+    add_compile_args(p, timm_spelling=timm_spelling)  # --compile [full|blocks], --compile-backend, --compile-mode
     if grad_checkpointing is not None:
         a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=grad_checkpointing,
           help="recompute activations in the backward pass (less memory)")

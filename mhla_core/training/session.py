@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from mhla_core.checkpoint import unwrap
+from mhla_core.compile import compile_model, compile_settings
 from mhla_core.training.checkpoint import (
     Checkpoint,
     check_same_config,
@@ -150,11 +151,14 @@ class Run:
         return ck.step
 
     def prepare(self, model: nn.Module, optimizer):
-        """DDP-wrap the model (under torchrun) and wrap the optimiser for loss scaling; then --compile."""
+        """DDP-wrap the model (under torchrun) and wrap the optimiser for loss scaling; then --compile
+        (`full`: the wrapped model; `blocks`: its repeated blocks, `mhla_core.compile`)."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
-        if self.args.compile:  # True, or a backend name (timm's --torchcompile BACKEND)
-            backend = self.args.compile if isinstance(self.args.compile, str) else "inductor"
-            model = torch.compile(model, backend=backend)
+        how, backend, mode = compile_settings(self.args)
+        if how == "blocks":  # in place, inside the DDP wrapper
+            compile_model(unwrap(model), "blocks", backend, mode)
+        elif how == "full":  # around the DDP wrapper, as torch recommends; `unwrap` sees through it
+            model = torch.compile(model, backend=backend, **({} if mode is None else {"mode": mode}))
         return model, optimizer
 
     def finish(self) -> None:
