@@ -36,6 +36,8 @@ def test_kill_during_checkpoint_then_resume_is_exact(trainer, setups, tmp_path, 
     main(flags(tmp_path / "straight", 3, "--checkpoint-every", "1"))
     want = _weights(tmp_path / "straight")
     for stage in STAGES:
+        if stage == "ema" and trainer == "lm":
+            continue  # no EMA in the LM trainer: the stage never comes
         out = tmp_path / stage
         saves = []
 
@@ -48,8 +50,6 @@ def test_kill_during_checkpoint_then_resume_is_exact(trainer, setups, tmp_path, 
         with pytest.raises(Killed):
             main(flags(out, 3, "--checkpoint-every", "1"))
         monkeypatch.setattr(ckpt, "_stage", lambda name: None)
-        if stage == "ema" and trainer == "lm":
-            continue  # no EMA in the LM trainer: the stage never comes
         # what a real kill leaves besides: a half-written temporary folder
         partial = out / "checkpoints" / ".tmp-step_00000002-1"
         partial.mkdir(exist_ok=True)
