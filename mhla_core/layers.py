@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mhla_core.constraint import register_constrained
 from mhla_core.layout import BlockLayout, cached_layout
 from mhla_core.mixing import block_distance_mixing
 from mhla_core.ops.noncausal import NORMALIZERS, mhla
@@ -41,8 +42,8 @@ class MHLA(nn.Module):
         blocks / block_tokens: the block configuration (exactly one).
         transform, local_thres, exp_sigma: the mixing initialiser (`block_distance_mixing`).
         mixing_trainable: learn the mixing (else a frozen buffer). per_head_mixing: one matrix per head.
-        mixing_constraint: "none" or "clamp01", applied by `constrain_mixing()` after each
-            optimiser step.
+        mixing_constraint: "none" or "clamp01", applied by `constrain_mixing()` after every step
+            of any torch optimiser that updates the mixing (`mhla_core.constraint`).
         qkv_bias: bias of the qkv projection. qk_norm: RMSNorm over q and k (full width)
             before the feature map relu(x) + 1e-6.
         normalize, normalizer, scale, eps: passed to `mhla` (scale defaults to 1.0, as in the
@@ -109,6 +110,8 @@ class MHLA(nn.Module):
             w = w.unsqueeze(0).repeat(num_heads, 1, 1)
         if mixing_trainable:
             self.mixing = nn.Parameter(w)
+            if mixing_constraint != "none":  # projected after every optimiser step, whoever trains it
+                register_constrained(self)
         else:
             self.register_buffer("mixing", w)
 
@@ -141,7 +144,7 @@ class MHLA(nn.Module):
 
     @torch.no_grad()
     def constrain_mixing(self) -> None:
-        """Apply the mixing constraint in place (call after each optimiser step)."""
+        """Apply the mixing constraint in place (runs after each optimiser step by `mhla_core.constraint`)."""
         if self.mixing_constraint == "clamp01":
             self.mixing.clamp_(0.0, 1.0)
 
@@ -180,7 +183,8 @@ class MHLA(nn.Module):
 
 
 def constrain_mixing(model: nn.Module) -> None:
-    """Apply the mixing constraint of every MHLA layer inside `model` (call after each optimiser step)."""
+    """Apply the mixing constraint of every MHLA layer inside `model` now (the optimiser-step hook of
+    `mhla_core.constraint` does it after every step by itself)."""
     for m in model.modules():
         if isinstance(m, MHLA):
             m.constrain_mixing()
