@@ -19,16 +19,19 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_MODULES: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()  # module -> parameter name
 _HOOK = None
 
 
-def register_constrained(module: nn.Module) -> None:
-    """Project `module` (its `constrain_mixing()`) after every optimiser step that updates its `mixing`."""
+def register_constrained(module: nn.Module, name: str = "mixing") -> None:
+    """Project `module` (its `constrain_mixing()`) after every optimiser step that updates its parameter
+    `name` (the mixing matrix)."""
     if not callable(getattr(module, "constrain_mixing", None)):
         raise ValueError(f"{type(module).__name__} has no constrain_mixing() to register")
+    if not isinstance(getattr(module, name, None), nn.Parameter):
+        raise ValueError(f"{type(module).__name__}.{name} is not a parameter; name the mixing parameter")
     global _HOOK
-    _MODULES.add(module)
+    _MODULES[module] = name
     if _HOOK is None:
         _HOOK = register_optimizer_step_post_hook(_project_after_step)
 
@@ -37,8 +40,8 @@ def _project_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if not _MODULES:
         return
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for module in list(_MODULES):
-        w = getattr(module, "mixing", None)
+    for module, name in list(_MODULES.items()):
+        w = getattr(module, name, None)
         if isinstance(w, torch.Tensor) and id(w) in updated:
             module.constrain_mixing()
 
