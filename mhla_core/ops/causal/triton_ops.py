@@ -262,7 +262,7 @@ def _table_rows(spans: tuple[tuple[int, int, int], ...], C: int) -> tuple[list[i
     for tok0, n, off in spans:
         i0, p = divmod(off, C)
         nrows = math.ceil((p + n) / C) if n > 0 else 0
-        first = len(rows) // 5
+        first = len(rows) // K.NCOL.value
         last = first + nrows - 1
         for j in range(nrows):
             a = max(j * C - p, 0)
@@ -280,7 +280,7 @@ def _table(spans, C, device):
     hit = None if torch.compiler.is_compiling() else _TABLES.get(key)
     if hit is None:
         rows, per_seq = _table_rows(spans, C)
-        hit = (torch.tensor(rows, dtype=torch.int32).view(-1, 5).to(device), per_seq)
+        hit = (torch.tensor(rows, dtype=torch.int32).view(-1, K.NCOL.value).to(device), per_seq)
         if not torch.compiler.is_compiling():
             if len(_TABLES) > 64:
                 _TABLES.clear()
