@@ -59,7 +59,7 @@ def read_meta(root: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-class LatentDataset(Dataset):
+class ImageLatentDataset(Dataset):
     """Memory-mapped view of a latent store: item i -> (latents [views, C, H, W] float32, label int64).
 
     Every shard listed in meta.json must be complete (an unfinished extraction is an error, not a subset).
@@ -88,3 +88,6 @@ class LatentDataset(Dataset):
         s = bisect.bisect_right(self.offsets, i) - 1
         j = i - self.offsets[s]
         return torch.from_numpy(np.array(self.x[s][j], dtype=np.float32)), torch.tensor(self.y[s][j])
+
+
+LatentDataset = ImageLatentDataset  # the former name, kept as an alias (mhla_dit/train.py imports it)

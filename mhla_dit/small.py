@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mhla_core.config import ParseKwargs
-from mhla_dit.data import LatentDataset, write_meta, write_shard
+from mhla_dit.data import ImageLatentDataset, write_meta, write_shard
 from mhla_dit.diffusion import sample
 from mhla_dit.evaluate import validation_loss
 from mhla_dit.fid import feature_stats, frechet_distance
@@ -77,11 +77,11 @@ class DigitNet(nn.Module):
         return f, self.head(f)
 
 
-def _pixels(ds: LatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixels(ds: ImageLatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(ds.x)[:, 0].astype(np.float32)), torch.from_numpy(ds.labels)
 
 
-def train_classifier(train: LatentDataset, val: LatentDataset, device: torch.device, *, epochs: int = 8,
+def train_classifier(train: ImageLatentDataset, val: ImageLatentDataset, device: torch.device, *, epochs: int = 8,
                      seed: int = 0) -> tuple[DigitNet, float]:
     """The feature network (Adam 1e-3, batch 128, random 2-pixel shifts); returns it and its val accuracy %."""
     torch.manual_seed(seed)
@@ -133,7 +133,7 @@ def run_variant(variant: str, seed: int, args: argparse.Namespace, stores: tuple
     train_s = time.time() - t0
     ema = result["ema"].eval()
     amp = torch.bfloat16 if device.type == "cuda" else None
-    losses = validation_loss(ema, LatentDataset(stores[1]), num_timesteps=args.val_timesteps, device=device,
+    losses = validation_loss(ema, ImageLatentDataset(stores[1]), num_timesteps=args.val_timesteps, device=device,
                              autocast_dtype=amp)
     quality = sample_quality(ema, net, ref, per_class=args.samples_per_class, steps=args.sampling_steps,
                              device=device, seed=seed)
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     t0 = time.time()
     # as many held-out digits per class as samples per class: the real-data floor has the samples' FD bias
     stores = write_digit_stores(images, labels, Path(args.out) / "data", val_per_class=args.samples_per_class)
-    train_ds, val_ds = LatentDataset(stores[0]), LatentDataset(stores[1])
+    train_ds, val_ds = ImageLatentDataset(stores[0]), ImageLatentDataset(stores[1])
     net, val_acc = train_classifier(train_ds, val_ds, device, epochs=args.classifier_epochs)
     with torch.no_grad():
         ref = feature_stats(_embed(net, _pixels(train_ds)[0].to(device))[0].double().cpu().numpy())

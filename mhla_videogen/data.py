@@ -9,7 +9,7 @@ import torch
 from mhla_core.training.seeding import sample_indices
 
 
-class LatentDataset:
+class VideoLatentDataset:
     """The `{index}.safetensors` files of an extract folder: (latents [C, f, h, w], text [L, D])."""
 
     def __init__(self, root: str | Path) -> None:
@@ -35,6 +35,9 @@ class LatentDataset:
         from safetensors.torch import load_file
 
         return load_file(str(self.root / "empty.safetensors"))["text"]
+
+
+LatentDataset = VideoLatentDataset  # the former name, kept as an alias (mhla_videogen/train.py imports it)
 
 
 def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:

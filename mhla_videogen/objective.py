@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mhla_core.training.seeding import step_seed
-from mhla_videogen.data import LatentDataset, batch_indices, pad_text
+from mhla_videogen.data import VideoLatentDataset, batch_indices, pad_text
 
 
 def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
@@ -13,7 +13,7 @@ def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def make_batch(ds: LatentDataset, empty: torch.Tensor, step: int, args, rank: int, world: int, micro: int = 0):
+def make_batch(ds: VideoLatentDataset, empty: torch.Tensor, step: int, args, rank: int, world: int, micro: int = 0):
     """(x_t, timestep, text, target) for micro-batch `micro` of `step` on `rank`; every draw (samples, caption
     dropout to the empty prompt, noise, s) is seeded by (seed, step, rank, micro)."""
     micro_step = step * args.grad_accum_steps + micro

@@ -7,13 +7,17 @@ Parameter names follow the authors' checkpoints (`q_proj`, ..., `mixing_matrix`,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fla.layers.utils import repad_hidden_states, unpad_hidden_states
+from fla.ops.utils.index import prepare_position_ids
 from torch import nn
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla
+from mhla_core.ops.causal.checks import check_cu_seqlens
 from mhla_core.ops.utils import host_to_device
 from mhla_nlp.modules import FusedRMSNormGated, Rotary
 
@@ -33,6 +37,21 @@ def reshape_reference_mixing(w: torch.Tensor) -> torch.Tensor:
     if w.dim() < 2 or w.shape[0] != w.shape[1] or w[0, 0].numel() != 1:
         raise ValueError(f"mixing_matrix of shape {tuple(w.shape)} is not [L, L] or [L, L, 1, ...]")
     return w.reshape(w.shape[0], w.shape[1])
+
+
+@dataclass
+class LayerInputs:
+    """The tokens a layer runs the op on, from `MHLAAttention._prepare_inputs`.
+
+    x: [B, T, D], or [1, N, D] packed documents; positions: their rotary positions, [B, T] or [1, N];
+    cu_seqlens: the document bounds of packed x, else None; indices: where the packed tokens of a padded
+    batch sit in its flattened [B * T] tokens (for fla's repad), else None.
+    """
+
+    x: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
 
 
 class MHLAAttention(nn.Module):
@@ -110,6 +129,56 @@ class MHLAAttention(nn.Module):
                 f"to at least {-(-end // self.chunk_size)} (the mixing matrix is max_chunks x max_chunks)"
             )
 
+    def _prepare_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        state: MHLAState | None,
+    ) -> LayerInputs:
+        """The four input modes as the tokens, positions and documents the op runs on.
+
+        dense: [B, T], one sequence per row (no mask, or a mask without padding among the new tokens);
+        padded: an attention_mask with padding, unpadded into packed documents with fla's helpers
+            (a row of only padding is an empty document);
+        packed: `cu_seqlens` document bounds over a batch of 1;
+        cached: a state from the cache, each row continuing at its own offset.
+        """
+        B, T, _ = hidden_states.shape
+        dev = hidden_states.device
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"attention_mask must be [B, T] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}"
+            )
+        mask = None if attention_mask is None else attention_mask[:, -T:]
+        padded = mask is not None and not bool(mask.all())
+        if state is not None:
+            if cu_seqlens is not None or padded:
+                raise ValueError(
+                    "with a cache, new tokens must all be real tokens of one sequence per row: "
+                    "left padding before the prefill is supported, padding or cu_seqlens after it is not"
+                )
+            self._check_length(max(state.offsets) + T)
+            positions = host_to_device(torch.tensor([[off + t for t in range(T)] for off in state.offsets]), dev)
+            return LayerInputs(hidden_states, positions)
+        if not padded and cu_seqlens is None:
+            self._check_length(T)
+            return LayerInputs(hidden_states, torch.arange(T, device=dev).expand(B, T))
+
+        x, indices = hidden_states, None
+        if padded:
+            if cu_seqlens is not None:
+                raise ValueError("pass either an attention_mask with padding or cu_seqlens, not both")
+            if bool(((F.pad(mask.int(), (1, 0)).diff(dim=1) == 1).sum(1) > 1).any()):
+                raise ValueError("the tokens of each row of attention_mask must be contiguous (left or right padding)")
+            x, indices, cu_seqlens = unpad_hidden_states(hidden_states, None, attention_mask, T)
+        elif B != 1:
+            raise ValueError(f"cu_seqlens needs packed input of batch 1, got batch {B}")
+        cu_seqlens = cu_seqlens.to(dev)
+        bounds = check_cu_seqlens(cu_seqlens, 1, x.shape[1])
+        self._check_length(max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+        return LayerInputs(x, prepare_position_ids(cu_seqlens)[None], cu_seqlens, indices)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -122,59 +191,17 @@ class MHLAAttention(nn.Module):
     ) -> tuple[torch.Tensor, None, Any]:
         """hidden_states [B, T, D]; attention_mask [B, T_past + T] (1 = token, 0 = padding, contiguous per row)."""
         B, T, _ = hidden_states.shape
-        dev = hidden_states.device
         state: MHLAState | None = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:
             state = past_key_values[self.layer_idx]["recurrent_state"]
-        if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError(
-                    f"attention_mask must be [B, T] (1 = token, 0 = padding), got {tuple(attention_mask.shape)}"
-                )
-            attention_mask = attention_mask[:, -T:]
-        padded = attention_mask is not None and not bool(attention_mask.all())
-
-        indices, empty_rows = None, []
-        x = hidden_states
-        if state is not None:
-            if cu_seqlens is not None or padded:
-                raise ValueError(
-                    "with a cache, new tokens must all be real tokens of one sequence per row: "
-                    "left padding before the prefill is supported, padding or cu_seqlens after it is not"
-                )
-            positions = host_to_device(torch.tensor([[off + t for t in range(T)] for off in state.offsets]), dev)
-            self._check_length(max(state.offsets) + T)
-        elif padded:
-            if cu_seqlens is not None:
-                raise ValueError("pass either an attention_mask with padding or cu_seqlens, not both")
-            mask = attention_mask.bool()
-            starts = (F.pad(mask.int(), (1, 0)).diff(dim=1) == 1).sum(1)
-            if bool((starts > 1).any()):
-                raise ValueError("the tokens of each row of attention_mask must be contiguous (left or right padding)")
-            lengths = mask.sum(1)
-            self._check_length(int(lengths.max()))
-            indices = mask.flatten().nonzero().squeeze(1)
-            empty_rows = [i for i, n in enumerate(lengths.tolist()) if n == 0]  # documents need >= 1 token
-            cu_seqlens = F.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
-            positions = (mask.cumsum(1) - 1).flatten()[indices][None]
-            x = hidden_states.flatten(0, 1)[indices][None]
-        elif cu_seqlens is not None:
-            if B != 1:
-                raise ValueError(f"cu_seqlens needs packed input of batch 1, got batch {B}")
-            cu = cu_seqlens.to(dev)
-            self._check_length(int((cu[1:] - cu[:-1]).max()))
-            ar = torch.arange(T, device=dev)
-            doc = torch.searchsorted(cu[1:].contiguous(), ar, right=True)
-            positions = (ar - cu[doc])[None]
-        else:
-            self._check_length(T)
-            positions = torch.arange(T, device=dev).expand(B, T)
+        inputs = self._prepare_inputs(hidden_states, attention_mask, cu_seqlens, state)
+        x = inputs.x
 
         H = self.num_heads
         q = F.relu(self.q_proj(x)).unflatten(-1, (H, self.head_k_dim))
         k = F.relu(self.k_proj(x)).unflatten(-1, (H, self.head_k_dim))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v_dim))
-        cos, sin = self.rotary.cos_sin(positions)  # once for q and k
+        cos, sin = self.rotary.cos_sin(inputs.positions)  # once for q and k
         q, k = self.rotary.rotate(q, cos, sin), self.rotary.rotate(k, cos, sin)
 
         want_state = bool(use_cache) and past_key_values is not None
@@ -185,21 +212,12 @@ class MHLAAttention(nn.Module):
             o, new_state = v.new_zeros(*v.shape), (self._empty_state(B, v) if want_state else None)
         else:
             o, new_state = chunk_mhla(
-                q, k, v, self.mixing_matrix, cu_seqlens=cu_seqlens, backend=self.backend, **common
+                q, k, v, self.mixing_matrix, cu_seqlens=inputs.cu_seqlens, backend=self.backend, **common
             )
 
         g = self.g_proj(x).unflatten(-1, (H, self.head_v_dim))
-        o = self.g_norm_swish_gate(o, g).flatten(-2)
-        o = self.o_proj(o)
-        if indices is not None:
-            out = o.new_zeros(B * T, o.shape[-1])
-            out[indices] = o[0]
-            o = out.view(B, T, -1)
-        if want_state and empty_rows and x.shape[1] > 0:
-            rows = [new_state.select(i) for i in range(new_state.batch_size)]
-            for i in empty_rows:
-                rows.insert(i, self._empty_state(1, v))
-            new_state = MHLAState.cat(rows)
+        o = self.o_proj(self.g_norm_swish_gate(o, g).flatten(-2))
+        o = repad_hidden_states(o, inputs.indices, B, T)
         if want_state:
             past_key_values.update(recurrent_state=new_state, layer_idx=self.layer_idx, offset=T)
         return o, None, past_key_values

@@ -37,3 +37,13 @@ def test_signatures():
     assert [p[0] for p in _params(mhla_core.BlockLayout)] == ["grid", "blocks"]
     for attr in ("to_blocks", "from_blocks", "distances", "num_blocks", "block_size"):
         assert hasattr(mhla_core.BlockLayout, attr)
+
+
+def test_reference_names():
+    """The PyTorch references are named `naive_*` (as fla names its own); the former names are aliases."""
+    from mhla_core.ops import causal, noncausal
+
+    assert causal.chunk_mhla_naive is causal.naive_chunk_mhla
+    assert noncausal.mhla_naive is noncausal.naive_mhla
+    for mod, name in ((causal, "naive_chunk_mhla"), (causal, "naive_recurrent_mhla"), (noncausal, "naive_mhla")):
+        assert name in mod.__all__ and getattr(mod, name).__name__ == name

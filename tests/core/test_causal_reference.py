@@ -5,7 +5,7 @@ import torch
 
 from mhla_core import causal_mixing_init, chunk_mhla, fused_recurrent_mhla
 from tests.core.brute import brute_causal
-from tests.core.errors import rel_err as _rel
+from tests.core.errors import rel_err
 
 
 def _inputs(B, T, H, Dk, Dv, seed):
@@ -29,7 +29,7 @@ def test_chunk_matches_brute_force(T, C, per_head, scale):
     W = _mixing(6, 2 if per_head else None, seed=T)
     out, state = chunk_mhla(q, k, v, W, chunk_size=C, scale=scale, backend="torch")
     assert state is None
-    assert _rel(out, brute_causal(q, k, v, W, C, scale)) < 1e-9
+    assert rel_err(out, brute_causal(q, k, v, W, C, scale)) < 1e-9
 
 
 def test_upper_triangle_is_ignored():
@@ -52,7 +52,7 @@ def test_gradients_match_brute_force(per_head):
     ref = brute_causal(*leaves, 4)
     ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
     for name, g, r in zip("qkvW", grads, ref_grads):
-        assert _rel(g, r) < 1e-9, name
+        assert rel_err(g, r) < 1e-9, name
     assert grads[3].triu(1).abs().max() == 0
 
 
@@ -70,7 +70,7 @@ def test_prefill_then_decode_equals_one_pass(prefix):
                                         initial_state=state, output_final_state=True)
         outs.append(o)
     assert state.offsets == (T, T)
-    assert _rel(torch.cat(outs, dim=1), full) < 1e-12
+    assert rel_err(torch.cat(outs, dim=1), full) < 1e-12
 
 
 def test_recurrent_from_scratch_and_chunk_continuation():
@@ -79,12 +79,12 @@ def test_recurrent_from_scratch_and_chunk_continuation():
     W = _mixing(5)
     full, full_state = chunk_mhla(q, k, v, W, chunk_size=C, output_final_state=True, backend="torch")
     rec, rec_state = fused_recurrent_mhla(q, k, v, W, chunk_size=C, output_final_state=True)
-    assert _rel(rec, full) < 1e-12
-    assert _rel(rec_state.chunk_states, full_state.chunk_states) < 1e-12
-    assert _rel(rec_state.partial, full_state.partial) < 1e-12
+    assert rel_err(rec, full) < 1e-12
+    assert rel_err(rec_state.chunk_states, full_state.chunk_states) < 1e-12
+    assert rel_err(rec_state.partial, full_state.partial) < 1e-12
     a, st = chunk_mhla(q[:, :6], k[:, :6], v[:, :6], W, chunk_size=C, output_final_state=True, backend="torch")
     b, _ = chunk_mhla(q[:, 6:], k[:, 6:], v[:, 6:], W, chunk_size=C, initial_state=st, backend="torch")
-    assert _rel(torch.cat([a, b], 1), full) < 1e-12
+    assert rel_err(torch.cat([a, b], 1), full) < 1e-12
 
 
 def test_packed_sequences_equal_separate_runs():
@@ -95,7 +95,7 @@ def test_packed_sequences_equal_separate_runs():
     packed, state = chunk_mhla(q, k, v, W, chunk_size=C, cu_seqlens=cu, output_final_state=True, backend="torch")
     for d, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         ref = brute_causal(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], W, C)
-        assert _rel(packed[:, lo:hi], ref) < 1e-9
+        assert rel_err(packed[:, lo:hi], ref) < 1e-9
         alone, alone_state = chunk_mhla(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], W, chunk_size=C,
                                         output_final_state=True, backend="torch")
         assert torch.allclose(state.partial[d], alone_state.partial[0], rtol=1e-12, atol=0)
@@ -107,7 +107,7 @@ def test_packed_sequences_equal_separate_runs():
     for d, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         seq = [torch.cat([x[:, lo:hi], xn[d : d + 1]], 1) for x, xn in ((q, qn), (k, kn), (v, vn))]
         ref = brute_causal(*seq, W, C)
-        assert _rel(step[d : d + 1], ref[:, -1:]) < 1e-9
+        assert rel_err(step[d : d + 1], ref[:, -1:]) < 1e-9
 
 
 def test_multi_token_decode_with_offsets_that_cross_chunk_ends_at_different_steps():
@@ -135,9 +135,9 @@ def test_multi_token_decode_with_offsets_that_cross_chunk_ends_at_different_step
         _, alone = chunk_mhla(*seq, W, chunk_size=C, output_final_state=True, backend="torch")
         assert torch.allclose(final.chunk_states[d], alone.chunk_states[0], rtol=1e-12, atol=1e-12)
         assert torch.allclose(final.partial[d], alone.partial[0], rtol=1e-12, atol=1e-12)
-    assert _rel(out, torch.cat(ref_out)) < 1e-9
+    assert rel_err(out, torch.cat(ref_out)) < 1e-9
     for name, g, r in zip("qkvW", grads, ref_grads):
-        assert _rel(g, r) < 1e-9, name
+        assert rel_err(g, r) < 1e-9, name
 
 
 def test_half_inputs():
@@ -147,7 +147,7 @@ def test_half_inputs():
     ref, _ = chunk_mhla(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), W.float().double(),
                         chunk_size=16, backend="torch")
     assert out.dtype == torch.bfloat16
-    assert _rel(out.double(), ref) < 1e-2
+    assert rel_err(out.double(), ref) < 1e-2
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -14,7 +14,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from mhla_core.ops.causal import triton_ops  # noqa: E402
-from tests.core.errors import rel_err as _rel  # noqa: E402
+from tests.core.errors import rel_err  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -45,10 +45,10 @@ def _compare(q, k, v, W, tol, **kw):
     o, st, g = _run("triton", q, k, v, W, dout, **kw)
     ro, rst, rg = _run("torch", q, k, v, W, dout, **kw)
     assert o.dtype == v.dtype and o.shape == v.shape
-    assert _rel(o, ro) < tol, "o"
+    assert rel_err(o, ro) < tol, "o"
     for name, a, b in zip("qkvW", g, rg):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert _rel(a, b) < tol, name
+        assert rel_err(a, b) < tol, name
     assert g[3].triu(1).abs().max() == 0
     return st, rst
 
@@ -56,9 +56,9 @@ def _compare(q, k, v, W, tol, **kw):
 def _same_state(a, b, tol):
     assert a.offsets == b.offsets and a.chunk_size == b.chunk_size
     assert a.chunk_states.dtype == torch.float32 and a.partial.dtype == torch.float32
-    assert _rel(a.chunk_states, b.chunk_states) < tol
+    assert rel_err(a.chunk_states, b.chunk_states) < tol
     if b.partial.abs().max() > 0:
-        assert _rel(a.partial, b.partial) < tol
+        assert rel_err(a.partial, b.partial) < tol
     else:
         assert a.partial.abs().max() == 0
 
@@ -108,7 +108,7 @@ def test_cu_seqlens():
     o, _ = chunk_mhla(q, k, v, W, chunk_size=16, cu_seqlens=cu, backend="triton")
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         single, _ = chunk_mhla(q[:, a:b], k[:, a:b], v[:, a:b], W, chunk_size=16, backend="triton")
-        assert _rel(o[:, a:b], single) < 1e-6
+        assert rel_err(o[:, a:b], single) < 1e-6
 
 
 @pytest.mark.parametrize("prefix", [16, 21, 5])
@@ -121,7 +121,7 @@ def test_prefill_then_continue(prefix):
                              output_final_state=True, backend="triton")
     tail, st2 = chunk_mhla(q[:, prefix:], k[:, prefix:], v[:, prefix:], W, chunk_size=C,
                            initial_state=state, output_final_state=True, backend="triton")
-    assert _rel(torch.cat([head, tail], 1), full) < TOL[torch.float32]
+    assert rel_err(torch.cat([head, tail], 1), full) < TOL[torch.float32]
     _same_state(st2, fst, TOL[torch.float32])
 
 
@@ -148,10 +148,10 @@ def test_initial_state_gradients_and_mixed_offsets(save, monkeypatch):
         loss = (o * dout).sum() + (fin.chunk_states ** 2).sum() * 1e-3 + fin.partial.sum()
         res.append((o, fin, torch.autograd.grad(loss, leaves + [cs, pa])))
     (o, fin, g), (ro, rfin, rg) = res
-    assert _rel(o, ro) < TOL[torch.float32]
+    assert rel_err(o, ro) < TOL[torch.float32]
     _same_state(fin, rfin, TOL[torch.float32])
     for name, a, b in zip(["q", "k", "v", "W", "chunk_states", "partial"], g, rg):
-        assert _rel(a, b) < TOL[torch.float32], name
+        assert rel_err(a, b) < TOL[torch.float32], name
 
 
 def test_fp64_is_refused():
@@ -206,9 +206,9 @@ def test_torch_compile_fullgraph():
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, W)]
     ref = f(*ref_leaves)
     ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
-    assert _rel(out, ref) < 1e-6
+    assert rel_err(out, ref) < 1e-6
     for a, b in zip(grads, ref_grads):
-        assert _rel(a, b) < 1e-6
+        assert rel_err(a, b) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -231,4 +231,4 @@ def test_frozen_mixing():
         o, _ = chunk_mhla(*leaves, W, chunk_size=16, backend=backend)
         grads.append(torch.autograd.grad(o.square().sum(), leaves))
     for a, b in zip(*grads):
-        assert _rel(a, b) < TOL[torch.float32]
+        assert rel_err(a, b) < TOL[torch.float32]

@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla  # noqa: E402
-from tests.core.errors import rel_err as _rel  # noqa: E402
+from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -44,11 +44,11 @@ def test_decode_after_prefill_equals_chunk_form(dtype, per_head):
     o_ref, st_ref = fused_recurrent_mhla(q[:, sl], k[:, sl], v[:, sl], W, chunk_size=C, initial_state=state,
                                          output_final_state=True, backend="torch")
     assert o_tri.dtype == dtype and o_tri.shape == o_ref.shape
-    assert _rel(o_tri, o_ref) < TOL[dtype]
-    assert _rel(o_tri[:1], full[:1, sl]) < TOL[dtype]  # row 0 equals the full forward
+    assert rel_err(o_tri, o_ref) < TOL[dtype]
+    assert rel_err(o_tri[:1], full[:1, sl]) < TOL[dtype]  # row 0 equals the full forward
     assert st_tri.offsets == st_ref.offsets == (33, 28)
-    assert _rel(st_tri.chunk_states, st_ref.chunk_states) < 1e-5
-    assert _rel(st_tri.partial, st_ref.partial) < 1e-5
+    assert rel_err(st_tri.chunk_states, st_ref.chunk_states) < 1e-5
+    assert rel_err(st_tri.partial, st_ref.partial) < 1e-5
     assert st_tri.chunk_states.dtype == torch.float32
 
 
@@ -57,7 +57,7 @@ def test_decode_from_empty_state_and_input_state_untouched():
     q, k, v, W = _inputs(3, 11, 2, 16, 16, L, False, seed=2, dtype=torch.float32)
     ref, ref_state = chunk_mhla(q, k, v, W, chunk_size=C, output_final_state=True, backend="torch")
     out, state = fused_recurrent_mhla(q, k, v, W, chunk_size=C, output_final_state=True, backend="triton")
-    assert _rel(out, ref) < 1e-5 and _rel(state.chunk_states, ref_state.chunk_states) < 1e-5
+    assert rel_err(out, ref) < 1e-5 and rel_err(state.chunk_states, ref_state.chunk_states) < 1e-5
     before = state.chunk_states.clone(), state.partial.clone()
     nxt = _inputs(3, 6, 2, 16, 16, L, False, seed=3, dtype=torch.float32)
     fused_recurrent_mhla(*nxt[:3], W, chunk_size=C, initial_state=state, backend="triton")  # crosses a chunk end

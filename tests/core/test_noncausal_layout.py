@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
 from mhla_core.ops.noncausal.state_config import default_state_config  # noqa: E402
-from tests.core.errors import rel_err as _rel  # noqa: E402
+from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
@@ -54,7 +54,7 @@ def _errors(layout: BlockLayout, cfg, normalize, normalizer, per_head=False, bhn
             o = layout.from_blocks(mhla(qb, kb, vb, wl, block_size=layout.block_size, backend="torch", **kw))
         assert o.shape == (B, N, H, Dv)
         outs.append([o, *torch.autograd.grad(o, leaves, do.to(DEVICE, o.dtype))])
-    errs = [_rel(a, b) for a, b in zip(*outs)]
+    errs = [rel_err(a, b) for a, b in zip(*outs)]
     assert all(e == e for e in errs), errs  # no NaN
     return errs
 

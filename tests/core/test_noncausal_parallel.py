@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from mhla_core import NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
 from mhla_core.ops.noncausal.plan import choose_path  # noqa: E402
-from tests.core.errors import rel_err as _rel  # noqa: E402
+from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NORMS = [(True, "exact"), (True, "reference"), (False, "exact")]
@@ -40,7 +40,7 @@ def _errors(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, tiles, dtype=to
                                                           else dt).requires_grad_()]
         o = mhla(*leaves, backend=backend, config=cfg if backend == "triton" else None, **kw)
         res.append([o, *torch.autograd.grad(o, leaves, do.to(DEVICE, o.dtype))])
-    errs = [_rel(a, b) for a, b in zip(*res)]
+    errs = [rel_err(a, b) for a, b in zip(*res)]
     assert all(e == e for e in errs), errs  # no NaN
     return errs
 

@@ -5,7 +5,7 @@ import torch
 
 from mhla_core import mhla
 from tests.core.brute import brute_mhla
-from tests.core.errors import rel_err as _rel
+from tests.core.errors import rel_err
 
 
 def _inputs(B, M, L, H, Dk, Dv, per_head, seed):
@@ -38,7 +38,7 @@ def test_forward_matches_brute_force(M, L, per_head, normalize, normalizer, scal
                backend="torch")
     ref = brute_mhla(q, k, v, W, (M * L,), (M,), normalize, normalizer, scale=scale)
     assert out.dtype == torch.float64
-    assert _rel(out, ref) < 1e-9
+    assert rel_err(out, ref) < 1e-9
 
 
 @pytest.mark.parametrize("M,L,per_head,normalize,normalizer,scale", CASES[2:6])
@@ -51,7 +51,7 @@ def test_gradients_match_brute_force(M, L, per_head, normalize, normalizer, scal
     ref = brute_mhla(*leaves, (M * L,), (M,), normalize, normalizer, scale=scale)
     ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
     for name, g, r in zip("qkvW", grads, ref_grads):
-        assert _rel(g, r) < 1e-9, name
+        assert rel_err(g, r) < 1e-9, name
 
 
 def test_half_inputs_accumulate_in_fp32():
@@ -60,7 +60,7 @@ def test_half_inputs_accumulate_in_fp32():
     ref = mhla(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), W.float().double(),
                block_size=16, backend="torch")
     assert out.dtype == torch.bfloat16
-    assert _rel(out.double(), ref) < 1e-2
+    assert rel_err(out.double(), ref) < 1e-2
 
 
 def test_vanilla_linear_attention_is_one_block():
@@ -69,7 +69,7 @@ def test_vanilla_linear_attention_is_one_block():
     s = 4**-0.5
     num = torch.einsum("bnhk,bmhk,bmhv->bnhv", s * q, k, v)
     den = torch.einsum("bnhk,bmhk->bnh", s * q, k) + 1e-6
-    assert _rel(out, num / den.unsqueeze(-1)) < 1e-12
+    assert rel_err(out, num / den.unsqueeze(-1)) < 1e-12
 
 
 def test_nan_stays_in_its_batch_entry():

@@ -25,7 +25,7 @@ from mhla_core.ops.noncausal.state_config import (  # noqa: E402
     TokenLaunch,
     default_state_config,
 )
-from tests.core.errors import rel_err as _rel  # noqa: E402
+from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -71,7 +71,7 @@ def _compare(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, dtype=torch.fl
             assert out.dtype == dtype and out.shape == (B, M * L, H, Dv)
         grads = torch.autograd.grad(out, leaves, do.to(DEVICE, out.dtype))
         results.append([out, *grads])
-    errs = [_rel(a, b) for a, b in zip(*results)]
+    errs = [rel_err(a, b) for a, b in zip(*results)]
     assert all(e == e for e in errs), errs
     return max(errs), errs
 
@@ -132,7 +132,7 @@ def test_strided_views_and_frozen_mixing():
     ref_in = torch.stack([q, k, v], dim=2).double().requires_grad_()
     ref = mhla(*ref_in.unbind(dim=2), w.double(), block_size=L, backend="torch")
     (ref_grad,) = torch.autograd.grad(ref, ref_in, do.double())
-    assert _rel(out.cpu(), ref) < 1e-4 and _rel(grad.cpu(), ref_grad) < 1e-4
+    assert rel_err(out.cpu(), ref) < 1e-4 and rel_err(grad.cpu(), ref_grad) < 1e-4
 
 
 def test_state_variant_choice():
@@ -327,7 +327,7 @@ def test_fp16_state_beyond_fp16_range(path):
     out = mhla(*(t.to(DEVICE, torch.float16) for t in (q, k, v)), w.to(DEVICE), block_size=L, backend="triton",
                config=cfg)
     ref = mhla(q.double(), k.double(), v.double(), w.double(), block_size=L, backend="torch")
-    assert torch.isfinite(out).all() and _rel(out.cpu(), ref) < 1e-2
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < 1e-2
 
 
 @pytest.mark.parametrize("mix_impl,mix_prec", [("matmul", "tf32"), ("matmul", "bf16"), ("triton", "bf16"),

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mhla_dit.checkpoints import load_model, read_metadata
-from mhla_dit.data import LatentDataset, read_meta, shard_paths
+from mhla_dit.data import ImageLatentDataset, read_meta, shard_paths
 from mhla_dit.diffusion import sample
 from mhla_dit.extract_features import main as extract
 from mhla_dit.sample import main as sample_main
@@ -36,7 +36,7 @@ def _torchrun_env(monkeypatch, port):
 def test_store_layout_flip_pairs_and_resume(latent_store, image_folder, vae_path, tmp_path):
     meta = read_meta(latent_store)
     assert meta["num_shards"] == 3 and meta["shape"] == [4, 8, 8] and meta["views"] == 2 and meta["num_classes"] == 2
-    ds = LatentDataset(latent_store)
+    ds = ImageLatentDataset(latent_store)
     assert len(ds) == 12 and ds.labels.tolist() == [0] * 6 + [1] * 6
     x, y = ds[7]
     assert x.shape == (2, 4, 8, 8) and x.dtype == torch.float32 and int(y) == 1
@@ -50,7 +50,7 @@ def test_store_layout_flip_pairs_and_resume(latent_store, image_folder, vae_path
         assert np.array_equal(np.load(shard_paths(copy, i)[0]), np.load(shard_paths(latent_store, i)[0]))
     shard_paths(copy, 1)[1].unlink()
     with pytest.raises(FileNotFoundError, match="unfinished"):
-        LatentDataset(copy)
+        ImageLatentDataset(copy)
     before = shard_paths(copy, 0)[0].stat().st_mtime_ns
     extract(args)
     assert shard_paths(copy, 0)[0].stat().st_mtime_ns == before  # finished shards are skipped
@@ -69,7 +69,7 @@ def test_flip_view_is_the_latent_of_the_flipped_image(latent_store, image_folder
     with torch.no_grad():
         means = vae.encode(torch.stack([img, img.flip(-1)])).latent_dist.mean * 0.18215
     std = 0.18215 * torch.exp(0.5 * vae.encode(img[None]).latent_dist.logvar).max()
-    x, _ = LatentDataset(latent_store)[0]
+    x, _ = ImageLatentDataset(latent_store)[0]
     assert ((x - means).abs().max() < 6 * std)  # a posterior sample around each view's mean
 
 

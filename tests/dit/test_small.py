@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from mhla_dit.data import LatentDataset
+from mhla_dit.data import ImageLatentDataset
 from mhla_dit.small import main, write_digit_stores
 
 
@@ -23,7 +23,7 @@ def _digits(tmp_path, per_class=6):
 def test_digit_stores_split_pad_and_scale(tmp_path):
     images, labels = _digits(tmp_path)
     train, val = write_digit_stores(images, labels, tmp_path / "data", val_per_class=2)
-    tr, va = LatentDataset(train), LatentDataset(val)
+    tr, va = ImageLatentDataset(train), ImageLatentDataset(val)
     assert len(tr) == 40 and len(va) == 20 and np.bincount(va.labels).tolist() == [2] * 10
     x, _ = va[0]
     assert x.shape == (1, 1, 32, 32) and x.min() == -1 and x.max() <= 1
@@ -50,4 +50,4 @@ def test_real_digits_store(tmp_path):
 
     images, labels = read_digits()
     train, val = write_digit_stores(images, labels, tmp_path)
-    assert len(LatentDataset(train)) == 4500 and len(LatentDataset(val)) == 500
+    assert len(ImageLatentDataset(train)) == 4500 and len(ImageLatentDataset(val)) == 500

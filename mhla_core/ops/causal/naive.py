@@ -88,7 +88,7 @@ def _chunk_group(
     return o, MHLAState(chunk_states, partial, (end,) * B, C)
 
 
-def chunk_mhla_naive(
+def naive_chunk_mhla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

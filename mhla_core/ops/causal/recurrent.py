@@ -28,7 +28,7 @@ def _mixed_state(
     return torch.bmm(rows, states).view(B, H, Dk, Dv)
 
 
-def fused_recurrent_mhla_torch(
+def naive_recurrent_mhla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -19,8 +19,9 @@ import triton.language as tl
 
 from mhla_core.ops.triton_helpers import UPCAST_DOT
 
-TOK, LEN, FIRST, LAST, WIDX = 0, 1, 2, 3, 4
-NCOL = 5
+# the table's columns and its row width, as constexprs the kernels index with
+TOK, LEN, FIRST, LAST, WIDX = (tl.constexpr(i) for i in range(5))
+NCOL = tl.constexpr(5)
 
 # The Triton interpreter multiplies bf16 operands as raw uint16; there, dots run on fp32 copies.
 _UPCAST = UPCAST_DOT
@@ -55,8 +56,8 @@ def chunk_state_kernel(
     i_y = pid % ny
     c = i_ch // H
     h = i_ch % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
+    tok0 = tl.load(tbl_ptr + c * NCOL + TOK).to(tl.int64)
+    n = tl.load(tbl_ptr + c * NCOL + LEN)
     t = tl.arange(0, BC)
     ox = i_x * BX + tl.arange(0, BX)
     oy = i_y * BY + tl.arange(0, BY)
@@ -91,14 +92,14 @@ def mix_kernel(
     rmask = rows < NR
     cols = i_n * BN + tl.arange(0, BN)
     cmask = cols < X
-    r_first = tl.load(tbl_ptr + rows * 5 + 2, mask=rmask, other=-1)
-    r_w = tl.load(tbl_ptr + rows * 5 + 4, mask=rmask, other=0)
+    r_first = tl.load(tbl_ptr + rows * NCOL + FIRST, mask=rmask, other=-1)
+    r_w = tl.load(tbl_ptr + rows * NCOL + WIDX, mask=rmask, other=0)
     m_last = tl.minimum(m0 + BM, NR) - 1
     if TRANS:
         lo = m0 + 1
-        hi = tl.load(tbl_ptr + m_last * 5 + 3) + 1
+        hi = tl.load(tbl_ptr + m_last * NCOL + LAST) + 1
     else:
-        lo = tl.load(tbl_ptr + m0 * 5 + 2)
+        lo = tl.load(tbl_ptr + m0 * NCOL + FIRST)
         hi = m_last
     lo = (lo // BR) * BR
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -107,8 +108,8 @@ def mix_kernel(
     for k0 in range(lo, hi, BR):
         kr = k0 + j
         kmask = kr < hi
-        k_first = tl.load(tbl_ptr + kr * 5 + 2, mask=kmask, other=-2)
-        k_w = tl.load(tbl_ptr + kr * 5 + 4, mask=kmask, other=0)
+        k_first = tl.load(tbl_ptr + kr * NCOL + FIRST, mask=kmask, other=-2)
+        k_w = tl.load(tbl_ptr + kr * NCOL + WIDX, mask=kmask, other=0)
         same = (k_first[None, :] == r_first[:, None]) & kmask[None, :] & rmask[:, None]
         if TRANS:
             ok = same & (kr[None, :] > rows[:, None])
@@ -152,7 +153,7 @@ def mix_grad_kernel(
     q0 = i_q * BM
     r0 = i_r * BN
     q_hi = tl.minimum(q0 + BM, NR) - 1
-    first_q0 = tl.load(tbl_ptr + q0 * 5 + 2)
+    first_q0 = tl.load(tbl_ptr + q0 * NCOL + FIRST)
     if (r0 < q_hi) & (r0 + BN - 1 >= first_q0):
         a_i = tl.arange(0, BM)
         b_i = tl.arange(0, BN)
@@ -171,10 +172,10 @@ def mix_grad_kernel(
             a = tl.load(g_blk + a_i[:, None] * (H * X) + xs[None, :], mask=qm[:, None] & xm[None, :], other=0.0)
             b = tl.load(s_blk + b_i[None, :] * (H * X) + xs[:, None], mask=rm[None, :] & xm[:, None], other=0.0)
             acc += _dot(a.to(b.dtype), b, PREC)
-        q_first = tl.load(tbl_ptr + qr * 5 + 2, mask=qm, other=-1)
-        r_first = tl.load(tbl_ptr + rr * 5 + 2, mask=rm, other=-2)
-        q_w = tl.load(tbl_ptr + qr * 5 + 4, mask=qm, other=0)
-        r_w = tl.load(tbl_ptr + rr * 5 + 4, mask=rm, other=0)
+        q_first = tl.load(tbl_ptr + qr * NCOL + FIRST, mask=qm, other=-1)
+        r_first = tl.load(tbl_ptr + rr * NCOL + FIRST, mask=rm, other=-2)
+        q_w = tl.load(tbl_ptr + qr * NCOL + WIDX, mask=qm, other=0)
+        r_w = tl.load(tbl_ptr + rr * NCOL + WIDX, mask=rm, other=0)
         ok = (q_first[:, None] == r_first[None, :]) & (rr[None, :] < qr[:, None]) & qm[:, None] & rm[None, :]
         tl.atomic_add(dw_ptr + h * L * L + q_w[:, None] * L + r_w[None, :], acc, mask=ok)
 
@@ -185,9 +186,9 @@ def _chunk_row(tbl_ptr, w_ptr, i_ch, H, L, BC: tl.constexpr):
     token offsets t < BC, their mask t < LEN, and the flat [token, head] row of its first token)."""
     c = i_ch // H
     h = i_ch % H
-    tok0 = tl.load(tbl_ptr + c * 5 + 0).to(tl.int64)
-    n = tl.load(tbl_ptr + c * 5 + 1)
-    wi = tl.load(tbl_ptr + c * 5 + 4)
+    tok0 = tl.load(tbl_ptr + c * NCOL + TOK).to(tl.int64)
+    n = tl.load(tbl_ptr + c * NCOL + LEN)
+    wi = tl.load(tbl_ptr + c * NCOL + WIDX)
     d = tl.load(w_ptr + h * L * L + wi * (L + 1))
     t = tl.arange(0, BC)
     return c, h, wi, d, t, t < n, tok0 * H + h

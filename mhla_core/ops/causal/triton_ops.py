@@ -185,7 +185,7 @@ def chunk_fwd(
     """(o [B, T, H, Dv], S [Nrows, H, Dk, Dv], S~ [Nrows, H, Dk, Dv]).
 
     q, k, v: contiguous [B, T, H, D] of one dtype; W: fp32 [H, L, L]; extra: None or fp32
-    [Nrows, H, Dk, Dv] added to the mixed state of every chunk row; table: int32 [Nrows, 5] chunk rows
+    [Nrows, H, Dk, Dv] added to the mixed state of every chunk row; table: int32 [Nrows, NCOL] chunk rows
     (see triton_kernels). S (fp32 when return_states, else bf16 when state_half) is returned when
     return_states or save_states, S~ (input dtype) when save_states; otherwise they are empty tensors.
     mix_prec: operand precision of the mixing GEMM ("ieee", "tf32" or "bf16").
@@ -262,12 +262,12 @@ def _table_rows(spans: tuple[tuple[int, int, int], ...], C: int) -> tuple[list[i
     for tok0, n, off in spans:
         i0, p = divmod(off, C)
         nrows = math.ceil((p + n) / C) if n > 0 else 0
-        first = len(rows) // 5
+        first = len(rows) // K.NCOL.value
         last = first + nrows - 1
         for j in range(nrows):
             a = max(j * C - p, 0)
             b = min((j + 1) * C - p, n)
-            rows += [tok0 + a, b - a, first, last, i0 + j]
+            rows += [tok0 + a, b - a, first, last, i0 + j]  # columns TOK, LEN, FIRST, LAST, WIDX
         per_seq.append((first, nrows))
     return rows, per_seq
 
@@ -280,7 +280,7 @@ def _table(spans, C, device):
     hit = None if torch.compiler.is_compiling() else _TABLES.get(key)
     if hit is None:
         rows, per_seq = _table_rows(spans, C)
-        hit = (torch.tensor(rows, dtype=torch.int32).view(-1, 5).to(device), per_seq)
+        hit = (torch.tensor(rows, dtype=torch.int32).view(-1, K.NCOL.value).to(device), per_seq)
         if not torch.compiler.is_compiling():
             if len(_TABLES) > 64:
                 _TABLES.clear()

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from mhla_core.layout import BlockLayout
-from mhla_core.ops.noncausal.naive import mhla_naive
+from mhla_core.ops.noncausal.naive import naive_mhla
 from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, NoncausalConfig, gather_in_kernel
 from mhla_core.ops.noncausal.state_config import StateConfig
 from mhla_core.ops.utils import check_mixing, check_qkv, default_scale, resolve_backend
@@ -102,7 +102,7 @@ def mhla(
                                rowmap=layout.token_index(q.device))
         op = partial(mhla_triton, config=config)
     else:
-        op = mhla_naive
+        op = naive_mhla
     if not grid:
         return op(q, k, v, mixing, block_size, normalize, normalizer, eps, s)
     q, k, v = (layout.to_blocks(t) for t in (q, k, v))  # the reference order (and the faster one, see plan.py)
@@ -119,4 +119,6 @@ def _check_layout(layout: BlockLayout, num_tokens: int, block_size: int | None) 
                          "give one of them")
 
 
-__all__ = ["mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig", "StateConfig"]
+mhla_naive = naive_mhla  # the former name of the reference, kept as an alias
+
+__all__ = ["mhla", "naive_mhla", "mhla_naive", "check_block_size", "NORMALIZERS", "NoncausalConfig", "StateConfig"]

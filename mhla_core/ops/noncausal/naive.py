@@ -7,7 +7,7 @@ import torch
 from mhla_core.ops.utils import accumulation_dtype, expand_mixing
 
 
-def mhla_naive(
+def naive_mhla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
