@@ -1,6 +1,7 @@
 """The mixing constraint, honoured by every trainer: a projection after each optimiser step.
 
-A module whose mixing matrix is constrained (the MHLA layer's "clamp01", the LM's [1e-5, 1] clamp) calls
+A module whose mixing matrix is constrained (the MHLA layer's "clamp01", the LM layer's [1e-5, 1] clamp and
+lower triangle) calls
 `register_constrained(module)` when it is built; the module's own `constrain_mixing()` is the projection.
 One process-wide hook, installed on first use with `torch.optim.optimizer.register_optimizer_step_post_hook`,
 runs after the `step()` of any torch optimiser (timm's, transformers' `Trainer`, accelerate's wrapped one, a
@@ -42,7 +43,7 @@ def _project_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for module, name in list(_MODULES.items()):
         w = getattr(module, name, None)
-        if isinstance(w, torch.Tensor) and id(w) in updated:
+        if isinstance(w, torch.Tensor) and w.requires_grad and id(w) in updated:  # frozen: left as it is
             module.constrain_mixing()
 
 

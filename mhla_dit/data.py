@@ -90,4 +90,3 @@ class ImageLatentDataset(Dataset):
         return torch.from_numpy(np.array(self.x[s][j], dtype=np.float32)), torch.tensor(self.y[s][j])
 
 
-LatentDataset = ImageLatentDataset  # the former name, kept as an alias (mhla_dit/train.py imports it)

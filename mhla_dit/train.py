@@ -28,7 +28,7 @@ from mhla_core.checkpoint import unwrap
 from mhla_core.config import ParseKwargs, load_yaml, parse_with_config
 from mhla_core.training import nonnegative_int, positive_int
 from mhla_dit.checkpoints import init_from, model_metadata
-from mhla_dit.data import LatentDataset
+from mhla_dit.data import ImageLatentDataset
 from mhla_dit.diffusion import Diffusion
 from mhla_dit.models import DiT_models, create_model
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.global_batch_size % (world * args.grad_accum_steps):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} processes x "
                          f"--grad-accum-steps {args.grad_accum_steps}")
-    dataset = LatentDataset(args.data_path)
+    dataset = ImageLatentDataset(args.data_path)
     updates_per_epoch = len(dataset) // args.global_batch_size
     if updates_per_epoch == 0:
         raise ValueError(f"{len(dataset)} latents are fewer than one --global-batch-size {args.global_batch_size}")

@@ -37,7 +37,6 @@ class VideoLatentDataset:
         return load_file(str(self.root / "empty.safetensors"))["text"]
 
 
-LatentDataset = VideoLatentDataset  # the former name, kept as an alias (mhla_videogen/train.py imports it)
 
 
 def pad_text(text: torch.Tensor, length: int) -> torch.Tensor:

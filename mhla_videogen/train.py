@@ -33,7 +33,7 @@ from mhla_core.checkpoint import unwrap
 from mhla_core.config import parse_with_config
 from mhla_core.training import positive_int
 from mhla_core.training.ema import full_tensor
-from mhla_videogen.data import LatentDataset
+from mhla_videogen.data import VideoLatentDataset
 from mhla_videogen.fsdp import full_state, param_names, restore, shard_model
 from mhla_videogen.objective import make_batch
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         print("--fsdp ignored: a single process trains the unsharded model", flush=True)
     if fsdp and args.amp_dtype == "float16":
         raise SystemExit("--fsdp trains with --amp-dtype bfloat16 or none (no fp16 loss scaling for sharded grads)")
-    ds = LatentDataset(args.data)
+    ds = VideoLatentDataset(args.data)
     empty = ds.empty_text()
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)

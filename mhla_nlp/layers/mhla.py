@@ -17,6 +17,7 @@ from fla.ops.utils.index import prepare_position_ids
 from torch import nn
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla
+from mhla_core.constraint import register_constrained
 from mhla_core.ops.causal.checks import check_cu_seqlens
 from mhla_core.ops.utils import host_to_device
 from mhla_nlp.modules import FusedRMSNormGated, Rotary
@@ -96,6 +97,7 @@ class MHLAAttention(nn.Module):
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.mixing_matrix = nn.Parameter(causal_mixing_init(self.max_chunks))
+        register_constrained(self, "mixing_matrix")  # clamp + lower triangle after every optimiser step
         self.g_norm_swish_gate = FusedRMSNormGated(self.head_v_dim, elementwise_affine=elementwise_affine, eps=norm_eps)
         self.rotary = Rotary(self.head_k_dim, base=rope_theta)
         self._register_load_state_dict_pre_hook(_mixing_pre_hook(self))

@@ -115,3 +115,33 @@ def test_frozen_and_unconstrained_mixings_are_left_alone():
     m(torch.randn(1, 16, 16)).square().sum().backward()
     opt.step()
     assert float(m.mixing.min()) < 0 or float(m.mixing.max()) > 1  # "none" is not projected
+
+
+def test_transformers_trainer_keeps_the_lm_mixing_in_range(tmp_path):
+    """The LM's [1e-5, 1] clamp and lower triangle hold under transformers.Trainer (issue 15: it took W to
+    [-0.92, 0.33] before)."""
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.data import Dataset
+
+    from mhla_nlp.zoo import build_model
+
+    model = build_model("mhla", dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=64, chunk_size=8,
+                                     max_chunks=8))
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(3, 64, (32,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                          learning_rate=50.0, report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_strategy="no", lr_scheduler_type="constant", warmup_steps=0)
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens()).train()
+    ws = [m.mixing_matrix for m in model.modules() if hasattr(m, "mixing_matrix")]
+    assert ws
+    for w in ws:
+        lower = torch.ones_like(w, dtype=torch.bool).tril()
+        assert float(w[lower].min()) >= float(torch.tensor(1e-5)) and float(w[lower].max()) <= 1.0 and not w[~lower].any()
