@@ -12,7 +12,12 @@ import torch
 import mhla_image_classification  # noqa: F401  (registers the models with timm)
 from mhla_core import MHLA
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=3)
+TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=3, piece_size=1)  # 2 x 2 blocks
+
+
+def _vit():
+    torch.manual_seed(0)  # the push-out checks below depend on the initial weights
+    return timm.create_model("mhla_deit_tiny_patch16_224", **TINY)
 
 
 def _mixings(model):
@@ -37,7 +42,7 @@ def _pushed_out(model, step):
 
 
 def test_plain_loop_with_sgd():
-    model = timm.create_model("mhla_deit_tiny_patch16_224", **TINY)
+    model = _vit()
     x, y = _data()
 
     def step(m):
@@ -56,7 +61,7 @@ def test_timm_optimizer_and_loss_scaler():
     from timm.optim import create_optimizer_v2
     from timm.utils import NativeScaler
 
-    model = timm.create_model("mhla_deit_tiny_patch16_224", **TINY)
+    model = _vit()
     opt = create_optimizer_v2(model, "adamw", lr=5.0, weight_decay=0.05)
     scaler = NativeScaler(device="cpu")
     for seed in range(3):
@@ -70,7 +75,7 @@ def test_accelerate_wrapped_optimizer():
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
-    model = timm.create_model("mhla_deit_tiny_patch16_224", **TINY)
+    model = _vit()
     model, opt = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=1e3))
     x, y = _data()
     for _ in range(2):
@@ -95,7 +100,7 @@ def test_transformers_trainer(tmp_path):
     class Wrapped(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = timm.create_model("mhla_deit_tiny_patch16_224", **TINY)
+            self.net = _vit()
 
         def forward(self, pixel_values, labels):
             logits = self.net(pixel_values)
