@@ -9,7 +9,8 @@ with transformers' `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
   `generate(use_cache=True)` equals uncached decoding, also for left-padded batches.
 - Inputs longer than `chunk_size * max_chunks` raise a ValueError naming `max_chunks`.
 - Authors' checkpoints: `model.load_reference_state_dict(sd)` (or plain `load_state_dict`).
-- After each optimiser step call `model.constrain_mixing()`.
+- The mixing constraint (clamp into `mixing_clamp`, lower triangle) runs after every step of any torch
+  optimiser that updates the mixing (`mhla_core.constraint`); `model.constrain_mixing()` applies it now.
 
 fla's Triton modules run on CUDA tensors; `mhla_nlp.modules` gives PyTorch twins for CPU.
 See docs/nlp.md for what is done and what is left (training, evaluation, MQAR, replication).
