@@ -139,6 +139,31 @@ def _direct_mixed(
 
 
 @_device_fn
+def _mixed_state(
+    q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, row, b, h, i, L, M, sw_h, scale,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+    offs_k, mk, offs_v, mv,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+    NORM: tl.constexpr, DIRECT: tl.constexpr, PREC: tl.constexpr, GRID: tl.constexpr,
+):
+    """(S~_i tile, z~_i, p~_i) of query block i: formed from k, v on the direct path, else S~ and z~ read
+    from the state row `row` (p~ is read per token by the callers; z~ only for the exact normaliser)."""
+    if DIRECT:
+        s_m, z_m, p_m = _direct_mixed(
+            q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
+            sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC, GRID,
+        )
+    else:
+        s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        z_m = tl.zeros([BLOCK_DK], dtype=tl.float32)
+        if NORM == 1:
+            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
+        p_m = tl.zeros([BLOCK_T], dtype=tl.float32)
+    return s_m, z_m, p_m
+
+
+@_device_fn
 def _program_tiles(
     H, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -214,16 +239,11 @@ def _out_kernel(
     """o of query block i (program 0), Dv tile program 1: (q' S~_i) / den."""
     i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     row = x_ptr + (bh * M + i).to(tl.int64) * RS
-    if DIRECT:
-        s_m, z_m, p_m = _direct_mixed(
-            q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
-            sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC, GRID,
-        )
-    else:
-        s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        if NORM == 1:
-            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
+    s_m, z_m, p_m = _mixed_state(
+        q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, row, b, h, i, L, M, sw_h, scale,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+        offs_k, mk, offs_v, mv, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, DIRECT, PREC, GRID,
+    )
     qb = _block_ptr(q_ptr, b, h, i, L, sq_b, sq_t, sq_h, GRID)
     ob = _block_ptr(o_ptr, b, h, i, L, so_b, so_t, so_h, GRID)
     if SF32:  # fp16 inputs: keep the state in fp32 (its entries may exceed the fp16 range)
@@ -269,16 +289,11 @@ def _bwd_q_kernel(
     i, jv, bh, b, h, offs_t, offs_k, mk, offs_v, mv = _program_tiles(H, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T)
     row = x_ptr + (bh * M + i).to(tl.int64) * RS
     drow = dx_ptr + (bh * M + i).to(tl.int64) * RS
-    if DIRECT:
-        s_m, z_m, p_m = _direct_mixed(
-            q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, b, h, i, L, M, sw_h, scale,
-            sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-            offs_k, mk, offs_v, mv, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, PREC, GRID,
-        )
-    else:
-        s_m = tl.load(row + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        if NORM == 1:
-            z_m = tl.load(row + DK * DV + offs_k, mask=mk, other=0.0).to(tl.float32)
+    s_m, z_m, p_m = _mixed_state(
+        q_ptr, k_ptr, v_ptr, w_ptr, map_ptr, row, b, h, i, L, M, sw_h, scale,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+        offs_k, mk, offs_v, mv, DK, DV, BLOCK_DK, BLOCK_DV, BLOCK_T, NORM, DIRECT, PREC, GRID,
+    )
     dt = q_ptr.dtype.element_ty
     xdt = dx_ptr.dtype.element_ty
     if HP:

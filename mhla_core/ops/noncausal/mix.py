@@ -104,7 +104,7 @@ def _mix_ws_kernel(
         if AS_BF16:
             acc = _dot(w, _cast(x, tl.bfloat16), None, PREC)
         else:
-            acc = _dot(w, x.to(tl.float32), None, PREC)
+            acc = _dot(w, x, None, PREC)
         tl.store(yb + offs_i[:, None] * RS + offs_c[None, :], _cast(acc, y_ptr.dtype.element_ty),
                  mask=mi[:, None] & mc[None, :])
 
@@ -175,7 +175,7 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
     """
     w = w3.transpose(-1, -2) if trans else w3
     xv = x.view(p.B, p.H, p.M, p.row_stride)
-    if p.mix_bf16 or x.dtype == torch.bfloat16:  # bf16 operands
+    if _bf16_operands(p, x):
         return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).to(x.dtype).view_as(x)
     allow = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = p.mix_prec == "tf32"
@@ -183,6 +183,11 @@ def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torc
         return torch.matmul(w, xv).view_as(x)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
+
+
+def _bf16_operands(p: Plan, x: torch.Tensor) -> bool:
+    """The mixing of `x` takes bf16 operands: bf16 states, or `mix_prec_half="bf16"`."""
+    return p.mix_bf16 or x.dtype == torch.bfloat16
 
 
 def _stationary_pays(p: Plan, x: torch.Tensor) -> bool:
@@ -193,7 +198,7 @@ def _stationary_pays(p: Plan, x: torch.Tensor) -> bool:
     bk = _pow2(p.M)
     if bk > p.config.mix_ws_max_m:
         return False
-    if p.mix_bf16 or x.dtype == torch.bfloat16:
+    if _bf16_operands(p, x):
         return True
     return p.M % min(p.config.mix_ws_kernel_fp32.block_i, bk) == 0
 
@@ -202,7 +207,7 @@ def _mix_stationary(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans
                     out_dtype: torch.dtype) -> torch.Tensor:
     """The mixing by `_mix_ws_kernel` (M <= StateConfig's mix_ws limit); in place when allowed and one i tile
     covers all M rows. The launch settings are `mix_ws_kernel` (bf16 operands) or `mix_ws_kernel_fp32`."""
-    as_bf16 = p.mix_bf16 or x.dtype == torch.bfloat16
+    as_bf16 = _bf16_operands(p, x)
     cfg = p.config.mix_ws_kernel if as_bf16 else p.config.mix_ws_kernel_fp32
     bk = _pow2(p.M)
     bi = min(cfg.block_i, bk)
@@ -226,7 +231,7 @@ def _mix_triton(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bo
     """The mixing as a Triton kernel; in place when allowed and one program covers all M rows. Settings:
     `mix_kernel_bf16` for bf16 operands, `mix_kernel` for tf32 ones."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    as_bf16 = p.mix_bf16 or x.dtype == torch.bfloat16
+    as_bf16 = _bf16_operands(p, x)
     cfg = p.config.mix_kernel_bf16 if as_bf16 else p.config.mix_kernel
     bi = _pow2(p.M) if p.M <= cfg.block_i else cfg.block_i_large
     n_i = _cdiv(p.M, bi)
