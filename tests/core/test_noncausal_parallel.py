@@ -52,10 +52,25 @@ def _errors(B, H, M, L, Dk, Dv, per_head, normalize, normalizer, tiles, dtype=to
     ("gather", 16, 32, 6),
     ("row", 32, 32, 16),  # 16-key tiles, 2 blocks per query tile
     ("auto", 16, 16, 32),  # scalar: every tile pair inside one block pair
+    ("blocks", 16, 16, 4),  # 4 x 4 blocks per tile pair, applied to a 4D view of the scores
+    ("blocks", 16, 32, 8),
+    ("expand", 32, 16, 4),  # the same W entries broadcast to a tile
+    ("dense", 16, 16, 6),  # token-pair W: any block size
+    ("blocks", 16, 16, 6),  # not block-aligned: falls back to the one-hot products
 ])
-def test_w_modes_match_float64(w_mode, bq, bk, L, normalize, normalizer):
-    tiles = _tiles(bq, bk, w_mode=w_mode)
+@pytest.mark.parametrize("dw_mode", ["onehot", "reshape"])
+def test_w_modes_match_float64(w_mode, bq, bk, L, normalize, normalizer, dw_mode):
+    if dw_mode == "reshape" and not (normalize and normalizer == "exact"):
+        pytest.skip("the dW block sums do not depend on the normaliser: one normaliser covers them")
+    tiles = _tiles(bq, bk, w_mode=w_mode, dw_mode=dw_mode)
     errs = _errors(2, 2, 4, L, 16, 24, True, normalize, normalizer, tiles)
+    assert max(errs) < 1e-4, errs
+
+
+@pytest.mark.parametrize("w_mode,dw_mode", [("blocks", "reshape"), ("dense", "onehot")])
+def test_w_modes_shared_w_with_padded_tiles(w_mode, dw_mode):
+    """Shared W, N not a multiple of the tiles (M = 5 blocks of 4: the last tile is half empty)."""
+    errs = _errors(2, 3, 5, 4, 16, 16, False, True, "exact", _tiles(16, 16, w_mode=w_mode, dw_mode=dw_mode))
     assert max(errs) < 1e-4, errs
 
 
@@ -64,6 +79,19 @@ def test_w_mode_choice():
     assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 64)[2] == P.W_SCALAR
     assert P._tiles_for(_tiles(64, 64, w_mode="row"), 64, 64, 1024, 16)[1:3] == (16, P.W_ROW)
     assert P._tiles_for(_tiles(64, 64, w_mode="gather"), 64, 64, 1000, 25)[2] == P.W_GATHER
+    assert P._tiles_for(_tiles(64, 64, w_mode="blocks"), 64, 64, 1024, 16)[2] == P.W_BLOCKS
+    assert P._tiles_for(_tiles(64, 64, w_mode="blocks"), 64, 64, 1000, 25)[2] == P.W_ONEHOT  # not aligned
+    assert P._tiles_for(_tiles(64, 64, w_mode="dense"), 64, 64, 1000, 25)[2] == P.W_DENSE
+    assert P._block_consts(_tiles(64, 64, dw_mode="reshape"), 64, 64, 16, P.W_ONEHOT, True) == dict(LB=16, DWR=True)
+    assert P._block_consts(_tiles(64, 64, dw_mode="reshape"), 64, 64, 64, P.W_SCALAR, True)["DWR"] is False
+
+
+def test_dense_mixing_is_w_per_token_pair():
+    w = torch.rand(2, 3, 3)
+    wx, sx = P.dense_mixing(w, w.stride(0), 4, 12)
+    blk = torch.arange(12) // 4
+    assert torch.equal(wx, w[:, blk][:, :, blk]) and sx == 144
+    assert P.dense_mixing(w[0], 0, 4, 12)[1] == 0 and P.dense_mixing(w[0], 0, 4, 12)[0].shape == (12, 12)
 
 
 @pytest.mark.parametrize("dtype,normalizer", [(torch.bfloat16, "exact"), (torch.bfloat16, "reference"),
@@ -113,7 +141,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="fwd_bq must be a power of two"):
         P.ParallelTiles(fwd_bq=48)
     with pytest.raises(ValueError, match="w_mode must be"):
-        P.ParallelTiles(w_mode="dense")
+        P.ParallelTiles(w_mode="sparse")
+    with pytest.raises(ValueError, match="dw_mode must be"):
+        P.ParallelTiles(dw_mode="blocks")
     q = torch.rand(1, 32, 1, 16)
     with pytest.raises(ValueError, match="config must be a NoncausalConfig"):
         mhla(q, q, q, torch.rand(2, 2), block_size=16, backend="triton", config={"path": "parallel"})

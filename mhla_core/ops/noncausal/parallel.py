@@ -46,7 +46,8 @@ from mhla_core.ops.triton_helpers import device_fn as _device_fn
 from mhla_core.ops.triton_helpers import dot as _dot
 from mhla_core.ops.triton_helpers import next_pow2 as _pow2
 
-W_GATHER, W_ONEHOT, W_SCALAR, W_ROW = 0, 1, 2, 3
+W_GATHER, W_ONEHOT, W_SCALAR, W_ROW, W_BLOCKS, W_EXPAND, W_DENSE = 0, 1, 2, 3, 4, 5, 6
+BLOCK_MODES = (W_BLOCKS, W_EXPAND)  # modes that need L (a power of two) to divide both tiles
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,6 +172,58 @@ def _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M,
 
 
 @_device_fn
+def _w_blocks(wb, q0, k0, M, LB: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, TRANS: tl.constexpr):
+    """The W entries of a block-aligned tile pair: [BQ / LB, BK / LB] (query blocks x key blocks),
+    or its transpose [BK / LB, BQ / LB] with TRANS; zero past the last block."""
+    ci = q0 // LB + tl.arange(0, BQ // LB)
+    cj = k0 // LB + tl.arange(0, BK // LB)
+    if TRANS:
+        return tl.load(wb + ci[None, :] * M + cj[:, None], mask=(ci[None, :] < M) & (cj[:, None] < M), other=0.0)
+    return tl.load(wb + ci[:, None] * M + cj[None, :], mask=(ci[:, None] < M) & (cj[None, :] < M), other=0.0)
+
+
+@_device_fn
+def _times_blocks(s, w, R: tl.constexpr, C: tl.constexpr, LB: tl.constexpr):
+    """s [R, C] times W constant on its LB x LB sub-tiles (w: [R / LB, C / LB]), by a 4D view of s."""
+    s4 = tl.reshape(s, (R // LB, LB, C // LB, LB))
+    return tl.reshape(s4 * w[:, None, :, None], (R, C))
+
+
+@_device_fn
+def _expand_blocks(w, R: tl.constexpr, C: tl.constexpr, LB: tl.constexpr):
+    """w [R / LB, C / LB] repeated over LB x LB sub-tiles: an [R, C] tile."""
+    return tl.reshape(tl.broadcast_to(w[:, None, :, None], (R // LB, LB, C // LB, LB)), (R, C))
+
+
+@_device_fn
+def _block_sums(g, R: tl.constexpr, C: tl.constexpr, LB: tl.constexpr):
+    """g [R, C] summed over its LB x LB sub-tiles: [R / LB, C / LB]."""
+    return tl.sum(tl.sum(tl.reshape(g, (R // LB, LB, C // LB, LB)), axis=3), axis=1)
+
+
+@_device_fn
+def _times_w(s, wb, wx, q0, offs_q, mq, k0, offs_k, mk, L, M, N,
+             WMODE: tl.constexpr, NB: tl.constexpr, WPREC: tl.constexpr, LB: tl.constexpr,
+             BQ: tl.constexpr, BK: tl.constexpr):
+    """s [BQ, BK] times W[block(t), block(u)]; wx: the token-pair W of the dense mode."""
+    if WMODE == 4:
+        return _times_blocks(s, _w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
+    elif WMODE == 5:
+        return s * _expand_blocks(_w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
+    elif WMODE == 6:
+        return s * tl.load(wx + offs_q[:, None] * N + offs_k[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    return s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC)
+
+
+@_device_fn
+def _times_wt(x, wt, WMODE: tl.constexpr, R: tl.constexpr, C: tl.constexpr, LB: tl.constexpr):
+    """x times the W tile of `_par_dkdv` (wt: a [R / LB, C / LB] block matrix in the blocks mode)."""
+    if WMODE == 4:
+        return _times_blocks(x, wt, R, C, LB)
+    return x * wt
+
+
+@_device_fn
 def _scores(a1, a2, b1, b2, PREC: tl.constexpr, HAS2: tl.constexpr):
     """a1 b1 (+ a2 b2 for a split head dim), fp32."""
     s = _dot(a1, b1, None, PREC)
@@ -185,14 +238,14 @@ def _scores(a1, a2, b1, b2, PREC: tl.constexpr, HAS2: tl.constexpr):
 
 @triton.jit
 def _par_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, p_ptr, o_ptr, r_ptr, map_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, wx_ptr, p_ptr, o_ptr, r_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-    sw_h, H, N, L, M, scale, eps,
+    sw_h, sx_h, H, N, L, M, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
-    GRID: tl.constexpr, JB: tl.constexpr,
+    GRID: tl.constexpr, JB: tl.constexpr, LB: tl.constexpr,
 ):
     """o and r of one query tile (program 0) of one (b, h) (program 1); N = M L block-major positions.
     For the reference normaliser p_ptr holds p [B * H, N] of `_ref_sums`; p~ = W p is formed here."""
@@ -201,6 +254,7 @@ def _par_fwd_kernel(
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
     wb = w_ptr + h * sw_h
+    wx = wx_ptr + h * sx_h
     dt = q_ptr.dtype.element_ty
     q0 = pq * BQ
     offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
@@ -212,7 +266,7 @@ def _par_fwd_kernel(
         offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
         kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DK)
         s = _scores(q1, q2, kt1, kt2, PREC, DK2 > 0)
-        a = s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC) * scale
+        a = _times_w(s, wb, wx, q0, offs_q, mq, k0, offs_k, mk, L, M, N, WMODE, NB, WPREC, LB, BQ, BK) * scale
         if NORM == 1:
             den += tl.sum(a, axis=1)
         a_d = _cast(a, dt)
@@ -233,15 +287,15 @@ def _par_fwd_kernel(
 
 @triton.jit
 def _par_dq_kernel(
-    k_ptr, v_ptr, w_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr, map_ptr,
+    k_ptr, v_ptr, w_ptr, wx_ptr, o_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr, map_ptr,
     sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     sd_b, sd_t, sd_h, sdq_b, sdq_t, sdq_h,
-    sw_h, H, N, L, M, scale,
+    sw_h, sx_h, H, N, L, M, scale,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
-    GRID: tl.constexpr,
+    GRID: tl.constexpr, LB: tl.constexpr,
 ):
     """delta = dO . o (stored for `_par_dkdv`) and dq of one query tile (dq needs no q: no softmax)."""
     pq, bh, b, h = _head_program(H)
@@ -250,6 +304,7 @@ def _par_dq_kernel(
     ob = o_ptr + b * so_b + h * so_h
     db = do_ptr + b * sd_b + h * sd_h
     wb = w_ptr + h * sw_h
+    wx = wx_ptr + h * sx_h
     dt = k_ptr.dtype.element_ty
     q0 = pq * BQ
     offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
@@ -272,7 +327,7 @@ def _par_dq_kernel(
             dp = (dp - delta[:, None]) * r[:, None]
         elif NORM == 2:
             dp = dp * r[:, None]
-        ds = _cast(dp * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC), dt)
+        ds = _cast(_times_w(dp, wb, wx, q0, offs_q, mq, k0, offs_k, mk, L, M, N, WMODE, NB, WPREC, LB, BQ, BK), dt)
         dq1 = _dot(ds, tl.trans(kt1), dq1, PREC)
         if DK2 > 0:
             dq2 = _dot(ds, tl.trans(kt2), dq2, PREC)
@@ -282,23 +337,26 @@ def _par_dq_kernel(
 
 @triton.jit
 def _par_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr, map_ptr,
+    q_ptr, k_ptr, v_ptr, w_ptr, wx_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr, map_ptr,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sd_b, sd_t, sd_h,
     sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-    sw_h, H, N, L, M, scale,
+    sw_h, sx_h, H, N, L, M, scale,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, NBQ: tl.constexpr,
     PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr, GRID: tl.constexpr,
+    LB: tl.constexpr, DWR: tl.constexpr,
 ):
-    """dk, dv of one key tile and its (b, h) share of dW, in the transposed frame [key, query]."""
+    """dk, dv of one key tile and its (b, h) share of dW, in the transposed frame [key, query].
+    DWR: block sums of dW by a 4D view of the tile (L = LB divides both tiles), else one-hot products."""
     pk, bh, b, h = _head_program(H)
     qb = q_ptr + b * sq_b + h * sq_h
     kb = k_ptr + b * sk_b + h * sk_h
     vb = v_ptr + b * sv_b + h * sv_h
     db = do_ptr + b * sd_b + h * sd_h
     wb = w_ptr + h * sw_h
+    wx = wx_ptr + h * sx_h
     dwb = dw_ptr + bh.to(tl.int64) * M * M
     dt = q_ptr.dtype.element_ty
     k0 = pk * BK
@@ -306,7 +364,7 @@ def _par_dkdv_kernel(
     k1, k2 = _rows2(kb, rows_k, mk, sk_t, DK1, DK2, DK)
     v1, v2 = _rows2(vb, rows_k, mk, sv_t, DV1, DV2, DV)
     jk0 = k0 // L
-    if WMODE < 2:
+    if NEED_DW and WMODE != 2 and WMODE != 3 and not DWR:
         ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
     dk1 = tl.zeros([BK, DK1], dtype=tl.float32)
     dk2 = tl.zeros([BK, DK2P], dtype=tl.float32)
@@ -320,6 +378,12 @@ def _par_dkdv_kernel(
             wt = tl.load(wb + (q0 // L) * M + jk0)
         elif WMODE == 3:
             wt = tl.load(wb + (offs_q // L) * M + jk0, mask=mq, other=0.0)[None, :]
+        elif WMODE == 4:  # [BK / L, BQ / L]: applied by `_times_blocks`
+            wt = _w_blocks(wb, q0, k0, M, LB, BQ, BK, True)
+        elif WMODE == 5:
+            wt = _expand_blocks(_w_blocks(wb, q0, k0, M, LB, BQ, BK, True), BK, BQ, LB)
+        elif WMODE == 6:
+            wt = tl.load(wx + offs_q[None, :] * N + offs_k[:, None], mask=mk[:, None] & mq[None, :], other=0.0)
         else:
             wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
         dot1, dot2 = _rows2_t(db, rows_q, mq, sd_t, DV1, DV2, DV)
@@ -327,18 +391,18 @@ def _par_dkdv_kernel(
         rq = bh.to(tl.int64) * N + offs_q
         if NORM > 0:
             r = tl.load(r_ptr + rq, mask=mq, other=0.0)
-            pt = _cast(st * wt * r[None, :], dt)
+            pt = _cast(_times_wt(st * r[None, :], wt, WMODE, BK, BQ, LB), dt)
             if NORM == 1:
                 delta = tl.load(delta_ptr + rq, mask=mq, other=0.0)
                 dpt = (dpt - delta[None, :]) * r[None, :]
             else:
                 dpt = dpt * r[None, :]
         else:
-            pt = _cast(st * wt, dt)
+            pt = _cast(_times_wt(st, wt, WMODE, BK, BQ, LB), dt)
         dv1 = _dot(pt, tl.trans(dot1), dv1, PREC)
         if DV2 > 0:
             dv2 = _dot(pt, tl.trans(dot2), dv2, PREC)
-        dst = _cast(dpt * wt, dt)
+        dst = _cast(_times_wt(dpt, wt, WMODE, BK, BQ, LB), dt)
         dk1 = _dot(dst, tl.trans(qt1), dk1, PREC)
         if DK2 > 0:
             dk2 = _dot(dst, tl.trans(qt2), dk2, PREC)
@@ -350,6 +414,11 @@ def _par_dkdv_kernel(
                 gq = tl.sum(tl.reshape(tl.sum(g, axis=0), [NBQ, BQ // NBQ]), axis=1)
                 ci = q0 // L + tl.arange(0, NBQ)
                 tl.atomic_add(dwb + ci * M + jk0, gq, mask=ci < M)
+            elif DWR:  # [BK / L, BQ / L] block sums of a block-aligned tile pair
+                cj = jk0 + tl.arange(0, BK // LB)
+                ci = q0 // LB + tl.arange(0, BQ // LB)
+                tl.atomic_add(dwb + ci[None, :] * M + cj[:, None], _block_sums(g, BK, BQ, LB),
+                              mask=(cj[:, None] < M) & (ci[None, :] < M))
             else:
                 iq0 = q0 // L
                 gk = _dot(ek_t, g, None, WPREC)  # [NB, BQ]: summed over the keys of each block
@@ -458,6 +527,10 @@ def _blocks_in_window(width: int, L: int) -> int:
     return -(-(width - 1) // L) + 1
 
 
+W_MODES = ("auto", "row", "gather", "onehot", "blocks", "expand", "dense")
+DW_MODES = ("auto", "onehot", "reshape")
+
+
 @dataclass(frozen=True)
 class ParallelTiles:
     """Tile sizes and launch settings of the parallel path (one set per kernel)."""
@@ -476,15 +549,24 @@ class ParallelTiles:
     dkdv_stages: int = 2
     # "auto" = "onehot" (W rows times a block indicator, a tensor-core product); "row": one W entry per
     # query row with key tiles shrunk to one block (1.3-1.5x slower on the H200: 16-key tiles);
-    # "gather": elementwise loads; a scalar whenever a tile pair lies inside one block pair
+    # "gather": elementwise loads; "blocks": the [BQ / L, BK / L] W entries of a tile pair applied to
+    # a 4D view of the scores, "expand": the same entries broadcast to a [BQ, BK] tile (both where
+    # L is a power of two dividing both tiles, else "auto"); "dense": a token-pair copy of W
+    # ([N, N] per W head, built per call) loaded like an operand tile; a scalar whenever a tile pair
+    # lies inside one block pair
     w_mode: str = "auto"
+    # dW's block sums in `_par_dkdv`: "onehot" (two one-hot products per tile pair), "reshape" (a 4D
+    # view of the tile, where L is a power of two dividing both tiles, else one-hot); "auto" = "onehot"
+    dw_mode: str = "auto"
     # head dims as a power of two plus a tail tile (72 = 64 + 16); off by default: on the H200 with
     # triton 3.6 the split kernels gave NaN and illegal addresses at D = 72 (docs/kernels.md)
     split_dims: bool = False
 
     def __post_init__(self) -> None:
-        if self.w_mode not in ("auto", "row", "gather", "onehot"):
-            raise ValueError(f"w_mode must be 'auto', 'row', 'gather' or 'onehot', got {self.w_mode!r}")
+        if self.w_mode not in W_MODES:
+            raise ValueError(f"w_mode must be one of {W_MODES}, got {self.w_mode!r}")
+        if self.dw_mode not in DW_MODES:
+            raise ValueError(f"dw_mode must be one of {DW_MODES}, got {self.dw_mode!r}")
         for name in ("fwd_bq", "fwd_bk", "dq_bq", "dq_bk", "dkdv_bq", "dkdv_bk"):
             x = getattr(self, name)
             if x < 16 or x & (x - 1):
@@ -499,6 +581,11 @@ def default_tiles() -> ParallelTiles:
     return INTERPRET_TILES if INTERPRET else ParallelTiles()
 
 
+def block_aligned(bq: int, bk: int, L: int) -> bool:
+    """Whether blocks of L tokens tile both a bq and a bk tile (L a power of two dividing both)."""
+    return L & (L - 1) == 0 and bq % L == 0 and bk % L == 0
+
+
 def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     """(WMODE, NB) for a tile pair of bq queries and bk keys."""
     if L % bq == 0 and L % bk == 0:
@@ -506,9 +593,27 @@ def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     if L % bk == 0 and bq % L == 0 and tiles.w_mode == "row":
         return W_ROW, 16
     nb = _pow2(_blocks_in_window(bk, L))
+    if tiles.w_mode in ("blocks", "expand") and block_aligned(bq, bk, L):
+        return (W_BLOCKS if tiles.w_mode == "blocks" else W_EXPAND), nb
+    if tiles.w_mode == "dense":
+        return W_DENSE, nb
     if tiles.w_mode == "gather" or (tiles.w_mode == "auto" and nb > 32):
         return W_GATHER, nb
     return W_ONEHOT, nb
+
+
+def _block_consts(tiles: ParallelTiles, bq: int, bk: int, L: int, wmode: int, need_dw: bool = False) -> dict:
+    """LB (L where the kernels take 4D views of block-aligned tiles, else 1) and DWR (dW by block sums)."""
+    aligned = block_aligned(bq, bk, L) and wmode not in (W_SCALAR, W_ROW)
+    dwr = need_dw and aligned and tiles.dw_mode == "reshape"
+    return dict(LB=L if aligned else 1, DWR=dwr)
+
+
+def dense_mixing(w3: torch.Tensor, sw_h: int, L: int, n: int) -> tuple[torch.Tensor, int]:
+    """(W of every token pair, [n, n] or [Hw, n, n] fp32 like w3, its head stride): W[block(t), block(u)]
+    at [t, u]."""
+    wx = w3.repeat_interleave(L, dim=-2).repeat_interleave(L, dim=-1)[..., :n, :n].contiguous()
+    return wx, (wx.stride(0) if sw_h and wx.dim() == 3 else 0)
 
 
 def _tiles_for(tiles: ParallelTiles, bq: int, bk: int, N: int, L: int) -> tuple[int, int, int, int]:
@@ -582,10 +687,12 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
     r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     p = reference_sums(q, k, L, scale, rowmap)[0] if norm == 2 else r
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.fwd_bq, tiles.fwd_bk, N, L)
+    wx, sx_h = dense_mixing(w3, sw_h, L, N) if wmode == W_DENSE else (w3, 0)
     _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
-        q, k, v, w3, p, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        sw_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb,
-        **_precisions(q.dtype), GRID=grid, JB=_mix_chunk(M), num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+        q, k, v, w3, wx, p, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        sw_h, sx_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm,
+        WMODE=wmode, NB=nb, **_precisions(q.dtype), GRID=grid, JB=_mix_chunk(M),
+        LB=_block_consts(tiles, bq, bk, L, wmode)["LB"], num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
     )
     return o, r
 
@@ -603,10 +710,12 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     rr = r if norm else delta
     dq = torch.empty_like(q)
     bq, bk, wmode, nb = _tiles_for(tiles, tiles.dq_bq, tiles.dq_bk, N, L)
+    wx, sx_h = dense_mixing(w3, sw_h, L, N) if tiles.w_mode == "dense" else (w3, 0)
     _par_dq_kernel[(triton.cdiv(N, bq), BH)](
-        k, v, w3, o, do, rr, delta, dq, mp, *_strides(k), *_strides(v), *_strides(o),
-        *_strides(do), *_strides(dq), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, **prec, GRID=grid, num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
+        k, v, w3, wx, o, do, rr, delta, dq, mp, *_strides(k), *_strides(v), *_strides(o),
+        *_strides(do), *_strides(dq), sw_h, sx_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
+        WMODE=wmode, NB=nb, **prec, GRID=grid, LB=_block_consts(tiles, bq, bk, L, wmode)["LB"],
+        num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -615,10 +724,10 @@ def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, sc
     if wmode == W_GATHER:  # the block sums of dW use the one-hot products
         wmode = W_ONEHOT if need_dw else W_GATHER
     _par_dkdv_kernel[(triton.cdiv(N, bk), BH)](
-        q, k, v, w3, do, rr, delta, dk, dv, dwp, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), sw_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
+        q, k, v, w3, wx, do, rr, delta, dk, dv, dwp, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), sw_h, sx_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
         WMODE=wmode, NB=nb, NBQ=bq // L if wmode == W_ROW else _pow2(_blocks_in_window(bq, L)), **prec,
-        NEED_DW=need_dw, GRID=grid,
+        NEED_DW=need_dw, GRID=grid, **_block_consts(tiles, bq, bk, L, wmode, need_dw),
         num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
     )
     if norm == 2:
