@@ -61,6 +61,10 @@ VARIANTS = {
     "blocks_k128": _all(64, 128, 8, 2, w_mode="blocks", dw_mode="reshape"),
     "blocks_w8": _all(64, 64, 8, 2, w_mode="blocks", dw_mode="reshape"),
     "expand_s3": _all(64, 64, 4, 3, w_mode="expand", dw_mode="reshape"),
+    "blocks_dkdv8": ParallelTiles(64, 64, 4, 2, 64, 64, 4, 2, 64, 64, 8, 2, w_mode="blocks", dw_mode="reshape"),
+    "blocks_bwd8": ParallelTiles(64, 64, 4, 2, 64, 64, 8, 2, 64, 64, 8, 2, w_mode="blocks", dw_mode="reshape"),
+    "blocks_q128_dkdv8": ParallelTiles(128, 64, 8, 2, 64, 64, 4, 2, 64, 64, 8, 2, w_mode="blocks",
+                                       dw_mode="reshape"),
 }
 
 
@@ -156,8 +160,8 @@ def precheck(shapes, variants, normalizer: str, jobs: int) -> dict[tuple[str, st
         cmd = [sys.executable, __file__, "--check-only", "--shapes", sv[0], "--variants", sv[1],
                "--normalizer", normalizer]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
-        return sv, last if r.returncode == 0 else f"FAILED rc={r.returncode}: {r.stderr.strip()[-200:]}"
+        last = ([ln for ln in r.stdout.splitlines() if "max rel err" in ln] or ["(no check line)"])[-1]
+        return sv, last if r.returncode == 0 else f"FAILED rc={r.returncode}: {r.stderr.strip()[-600:]}"
 
     pairs = [(s_, v_) for s_ in shapes for v_ in variants]
     with ThreadPoolExecutor(jobs) as ex:

@@ -178,8 +178,10 @@ def _w_blocks(wb, q0, k0, M, LB: tl.constexpr, BQ: tl.constexpr, BK: tl.constexp
     ci = q0 // LB + tl.arange(0, BQ // LB)
     cj = k0 // LB + tl.arange(0, BK // LB)
     if TRANS:
-        return tl.load(wb + ci[None, :] * M + cj[:, None], mask=(ci[None, :] < M) & (cj[:, None] < M), other=0.0)
-    return tl.load(wb + ci[:, None] * M + cj[None, :], mask=(ci[:, None] < M) & (cj[None, :] < M), other=0.0)
+        w = tl.load(wb + ci[None, :] * M + cj[:, None], mask=(ci[None, :] < M) & (cj[:, None] < M), other=0.0)
+    else:
+        w = tl.load(wb + ci[:, None] * M + cj[None, :], mask=(ci[:, None] < M) & (cj[None, :] < M), other=0.0)
+    return w
 
 
 @_device_fn
@@ -207,20 +209,24 @@ def _times_w(s, wb, wx, q0, offs_q, mq, k0, offs_k, mk, L, M, N,
              BQ: tl.constexpr, BK: tl.constexpr):
     """s [BQ, BK] times W[block(t), block(u)]; wx: the token-pair W of the dense mode."""
     if WMODE == 4:
-        return _times_blocks(s, _w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
+        y = _times_blocks(s, _w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
     elif WMODE == 5:
-        return s * _expand_blocks(_w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
+        y = s * _expand_blocks(_w_blocks(wb, q0, k0, M, LB, BQ, BK, False), BQ, BK, LB)
     elif WMODE == 6:
-        return s * tl.load(wx + offs_q[:, None] * N + offs_k[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
-    return s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC)
+        y = s * tl.load(wx + offs_q[:, None] * N + offs_k[None, :], mask=mq[:, None] & mk[None, :], other=0.0)
+    else:
+        y = s * _mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC)
+    return y
 
 
 @_device_fn
 def _times_wt(x, wt, WMODE: tl.constexpr, R: tl.constexpr, C: tl.constexpr, LB: tl.constexpr):
     """x times the W tile of `_par_dkdv` (wt: a [R / LB, C / LB] block matrix in the blocks mode)."""
     if WMODE == 4:
-        return _times_blocks(x, wt, R, C, LB)
-    return x * wt
+        y = _times_blocks(x, wt, R, C, LB)
+    else:
+        y = x * wt
+    return y
 
 
 @_device_fn
