@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_core import BlockLayout, NoncausalConfig, mhla  # noqa: E402
+from mhla_core.ops.noncausal.parallel import ParallelTiles  # noqa: E402
 from scripts.bench_layout import _copies, _grid_order  # noqa: E402
 
 
@@ -33,9 +34,12 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=None, help="blocks per grid axis")
     ap.add_argument("--copies", action="store_true", help="with --grid: to_blocks / from_blocks around the op")
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--gather", default="auto", choices=["auto", "always", "never"],
+                    help="with --grid: NoncausalConfig.grid_gather (gather in the kernels or permute first)")
+    ap.add_argument("--w-mode", default="auto", help="ParallelTiles.w_mode of the parallel path")
     args = ap.parse_args()
     B, H, N, D, M = args.shape
-    cfg = NoncausalConfig(path=args.path)
+    cfg = NoncausalConfig(path=args.path, grid_gather=args.gather, parallel=ParallelTiles(w_mode=args.w_mode))
     w = torch.rand(M, M, device="cuda").requires_grad_()
     if args.grid is None:
         q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))

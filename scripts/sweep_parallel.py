@@ -47,6 +47,8 @@ def _all(bq, bk, warps, stages, **kw) -> ParallelTiles:
 
 VARIANTS = {
     "default": ParallelTiles(),
+    "before": ParallelTiles(w_mode="onehot", dw_mode="onehot"),  # the defaults until 2026-12-02 (third session)
+    "split": ParallelTiles(split_dims=True),  # head dims as a power of two plus a tail tile (72 = 64 + 16)
     "q128": ParallelTiles(128, 64, 8, 2, 128, 64, 8, 2, 128, 64, 8, 2),
     "s3": ParallelTiles(64, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
     "onehot": ParallelTiles(w_mode="onehot"),

@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 
 from mhla_core import NoncausalConfig, mhla  # noqa: E402
 from mhla_core.ops.noncausal import parallel as P  # noqa: E402
-from mhla_core.ops.noncausal.plan import choose_path  # noqa: E402
+from mhla_core.ops.noncausal.plan import choose_path, gather_in_kernel  # noqa: E402
 from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +75,9 @@ def test_w_modes_shared_w_with_padded_tiles(w_mode, dw_mode):
 
 
 def test_w_mode_choice():
-    assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 16)[2:] == (P.W_ONEHOT, 16)
+    assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 16)[2:] == (P.W_BLOCKS, 16)  # block-aligned
+    assert P._tiles_for(_tiles(64, 64), 64, 64, 1000, 25)[2] == P.W_ONEHOT
+    assert P._tiles_for(_tiles(64, 64, w_mode="onehot"), 64, 64, 1024, 16)[2:] == (P.W_ONEHOT, 16)
     assert P._tiles_for(_tiles(64, 64), 64, 64, 1024, 64)[2] == P.W_SCALAR
     assert P._tiles_for(_tiles(64, 64, w_mode="row"), 64, 64, 1024, 16)[1:3] == (16, P.W_ROW)
     assert P._tiles_for(_tiles(64, 64, w_mode="gather"), 64, 64, 1000, 25)[2] == P.W_GATHER
@@ -135,6 +137,14 @@ def test_planner_choice_at_paper_shapes():
     assert choose_path(1, 2, 768, 256, 128, 128, 4, cfg) == "parallel"
 
 
+def test_grid_gather_setting():
+    """DiT-XL/2 256 (head dim 72, parallel path): permuted first by the measured rule, unless the config says."""
+    dit = (32, 16, 256, 16, 72, 72, 2)
+    assert gather_in_kernel(*dit, NoncausalConfig()) is False
+    assert gather_in_kernel(*dit, NoncausalConfig(grid_gather="always")) is True
+    assert gather_in_kernel(128, 3, 256, 16, 64, 64, 2, NoncausalConfig(grid_gather="never")) is False
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="path must be one of"):
         NoncausalConfig(path="fast")
@@ -144,6 +154,8 @@ def test_config_errors():
         P.ParallelTiles(w_mode="sparse")
     with pytest.raises(ValueError, match="dw_mode must be"):
         P.ParallelTiles(dw_mode="blocks")
+    with pytest.raises(ValueError, match="grid_gather must be one of"):
+        NoncausalConfig(grid_gather="sometimes")
     q = torch.rand(1, 32, 1, 16)
     with pytest.raises(ValueError, match="config must be a NoncausalConfig"):
         mhla(q, q, q, torch.rand(2, 2), block_size=16, backend="triton", config={"path": "parallel"})

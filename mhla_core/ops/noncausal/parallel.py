@@ -553,16 +553,18 @@ class ParallelTiles:
     dkdv_bk: int = 64
     dkdv_warps: int = 4
     dkdv_stages: int = 2
-    # "auto" = "onehot" (W rows times a block indicator, a tensor-core product); "row": one W entry per
-    # query row with key tiles shrunk to one block (1.3-1.5x slower on the H200: 16-key tiles);
-    # "gather": elementwise loads; "blocks": the [BQ / L, BK / L] W entries of a tile pair applied to
-    # a 4D view of the scores, "expand": the same entries broadcast to a [BQ, BK] tile (both where
-    # L is a power of two dividing both tiles, else "auto"); "dense": a token-pair copy of W
-    # ([N, N] per W head, built per call) loaded like an operand tile; a scalar whenever a tile pair
-    # lies inside one block pair
+    # W[block(t), block(u)] of a tile pair. "blocks": the [BQ / L, BK / L] W entries of the pair applied
+    # to a 4D view of the score tile, where L is a power of two dividing both tiles (else "onehot");
+    # "expand": the same entries broadcast to a [BQ, BK] tile (same SASS counts, same speed);
+    # "onehot": W rows times a block indicator (a tf32 product); "row": one W entry per query row with
+    # key tiles shrunk to one block; "gather": elementwise loads; "dense": a token-pair copy of W
+    # ([N, N] per W head, built per call) loaded like an operand tile. A scalar whenever a tile pair
+    # lies inside one block pair. "auto": "blocks" where the tiles are block-aligned, else "onehot"
+    # ("gather" beyond 32 blocks per tile). H200, GPU ms of one fwd+bwd, DeiT-T / DiT-XL/2 256:
+    # blocks 0.133 / 0.569, onehot 0.209 / 0.807, dense 0.196 / 0.702 (docs/kernels.md)
     w_mode: str = "auto"
-    # dW's block sums in `_par_dkdv`: "onehot" (two one-hot products per tile pair), "reshape" (a 4D
-    # view of the tile, where L is a power of two dividing both tiles, else one-hot); "auto" = "onehot"
+    # dW's block sums in `_par_dkdv`: "reshape" (a 4D view of the tile, where the tiles are block-aligned,
+    # else one-hot), "onehot" (two one-hot products per tile pair); "auto" = "reshape"
     dw_mode: str = "auto"
     # head dims as a power of two plus a tail tile (72 = 64 + 16); off by default: on the H200 with
     # triton 3.6 the split kernels gave NaN and illegal addresses at D = 72 (docs/kernels.md)
@@ -599,8 +601,8 @@ def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
     if L % bk == 0 and bq % L == 0 and tiles.w_mode == "row":
         return W_ROW, 16
     nb = _pow2(_blocks_in_window(bk, L))
-    if tiles.w_mode in ("blocks", "expand") and block_aligned(bq, bk, L):
-        return (W_BLOCKS if tiles.w_mode == "blocks" else W_EXPAND), nb
+    if tiles.w_mode in ("auto", "blocks", "expand") and block_aligned(bq, bk, L):
+        return (W_EXPAND if tiles.w_mode == "expand" else W_BLOCKS), nb
     if tiles.w_mode == "dense":
         return W_DENSE, nb
     if tiles.w_mode == "gather" or (tiles.w_mode == "auto" and nb > 32):
@@ -611,7 +613,7 @@ def _w_mode(tiles: ParallelTiles, bq: int, bk: int, L: int) -> tuple[int, int]:
 def _block_consts(tiles: ParallelTiles, bq: int, bk: int, L: int, wmode: int, need_dw: bool = False) -> dict:
     """LB (L where the kernels take 4D views of block-aligned tiles, else 1) and DWR (dW by block sums)."""
     aligned = block_aligned(bq, bk, L) and wmode not in (W_SCALAR, W_ROW)
-    dwr = need_dw and aligned and tiles.dw_mode == "reshape"
+    dwr = need_dw and aligned and tiles.dw_mode in ("auto", "reshape")
     return dict(LB=L if aligned else 1, DWR=dwr)
 
 

@@ -24,6 +24,7 @@ from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, dim_t
 from mhla_core.ops.noncausal.state_config import StateConfig, default_state_config
 
 PATHS = ("auto", "parallel", "state")
+GRID_GATHER = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,17 @@ class NoncausalConfig:
     state_bw: float = 1.2e12
     state_launch: float = 30e-6
     parallel_max_tokens: int = 16384
+    # grid-order inputs: "auto" (gather_in_kernel's measured rule), "always" (the kernels gather token
+    # rows through the layout's map), "never" (permute to block order first)
+    grid_gather: str = "auto"
     # the parallel kernels' tiles are sized for head dims up to 128 (fp32 at 256 overflows shared memory)
     parallel_max_head_dim: int = 128
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if self.grid_gather not in GRID_GATHER:
+            raise ValueError(f"grid_gather must be one of {GRID_GATHER}, got {self.grid_gather!r}")
         if not isinstance(self.state, StateConfig):
             raise ValueError(f"state must be a StateConfig, got {type(self.state).__name__}")
 
@@ -97,6 +103,8 @@ def gather_in_kernel(B: int, H: int, N: int, L: int, DK: int, DV: int, esize: in
     (DeiT-T), but the parallel kernels with padded head dims (DiT-XL/2's 72) ran 1.5x slower gathering
     (GPU 1.79 vs 1.15 ms fwd+bwd at DiT-XL/2 256 with the copies included), so those permute first.
     """
+    if cfg.grid_gather != "auto":
+        return cfg.grid_gather == "always"
     pow2 = all(d & (d - 1) == 0 for d in (DK, DV))
     return pow2 or choose_path(B, H, N, L, DK, DV, esize, cfg) != "parallel"
 
