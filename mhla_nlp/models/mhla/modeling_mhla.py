@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from mhla_nlp.layers.mhla import MHLAAttention, reshape_reference_mixing
 from mhla_nlp.models.mhla.configuration_mhla import MHLAConfig
 from mhla_nlp.modules import GatedMLP, RMSNorm
+from mhla_nlp.packing import FLASH_KWARGS, packed_cu_seqlens
 
 # the installed transformers' name of the cache field of model outputs ("cache" or "past_key_values")
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -148,6 +149,9 @@ class MHLAModel(MHLAPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of `input_ids` (or `inputs_embeds`); `cu_seqlens` for packed documents (batch 1).
 
+        Packed documents may also be named as transformers' `DataCollatorWithFlattening` does: `position_ids`
+        restarting per document, `seq_idx`, or `cu_seq_lens_q`/`cu_seq_lens_k`/`max_length_q`/`max_length_k`;
+        `mhla_nlp.packing.packed_cu_seqlens` turns them into `cu_seqlens` and rejects sources that disagree.
         States are kept when `use_cache=True` (as `generate` passes) or when a `cache` is given.
         """
         cache = cache if cache is not None else past_key_values
@@ -160,11 +164,13 @@ class MHLAModel(MHLAPreTrainedModel):
         if use_cache and not isinstance(cache, Cache):
             cache = Cache.from_legacy_cache(cache)
         kwargs.pop("output_attentions", None)
-        kwargs.pop("position_ids", None)
         kwargs.pop("cache_position", None)
-        T = hidden.shape[1]
+        B, T = hidden.shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask[:, -T:].all()):
             attention_mask = None  # no padding among these tokens: one host sync here instead of one per layer
+        packing = {k: kwargs.pop(k, None) for k in ("position_ids", "seq_idx", *FLASH_KWARGS)}
+        cu_seqlens = packed_cu_seqlens(B, T, hidden.device, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                                       **packing)
         all_hidden = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
@@ -184,7 +190,8 @@ class MHLAModel(MHLAPreTrainedModel):
 class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
     """MHLA causal LM; `generate()` prefills with `chunk_mhla` and decodes with `fused_recurrent_mhla`.
 
-    Extra forward kwarg: `cu_seqlens` ([N + 1] document boundaries, batch 1) for packed documents.
+    Extra forward kwarg: `cu_seqlens` ([N + 1] document boundaries, batch 1) for packed documents; the
+    `position_ids` / flash kwargs of `DataCollatorWithFlattening` are honoured too (see `MHLAModel.forward`).
     Batched generation with left padding works (per-sequence offsets in the state).
     """
 
