@@ -112,12 +112,17 @@ class MHLAPreTrainedModel(FLAPreTrainedModel):
                 m.constrain_mixing()
 
     def load_reference_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        """Load an authors' checkpoint state dict (reshaping the mixing; tied lm_head may be absent)."""
+        """Load an authors' checkpoint state dict (reshaping the mixing; tied lm_head may be absent).
+
+        The mixing is then constrained (`constrain_mixing`): the authors save after an optimiser step, before
+        their next forward clamps it, so their mixing can lie outside `mixing_clamp` or above the diagonal.
+        """
         sd = convert_reference_state_dict(state_dict)
         result = self.load_state_dict(sd, strict=False)
         missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
         if strict and (missing or result.unexpected_keys):
             raise ValueError(f"reference checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+        self.constrain_mixing()
         return result
 
 
