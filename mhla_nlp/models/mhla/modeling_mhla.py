@@ -99,6 +99,11 @@ class MHLAPreTrainedModel(FLAPreTrainedModel):
     _no_split_modules = ["MHLABlock"]
     _supports_cache_class = True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
+        """No-op, as `MHLAConfig.register_for_auto_class`: saved folders name the installed classes through
+        the config's `auto_map` rather than through copies of this package's source files."""
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         super()._init_weights(module, *args, **kwargs)
