@@ -58,15 +58,21 @@ def test_final_holds_the_tokenizer_and_runs_in_a_pipeline(run):
 def test_fresh_process_loads_final_with_trust_remote_code(run, tmp_path):
     final = run / "final"
     code = ("import json, sys\n"
-            "from transformers import pipeline\n"
+            "from transformers import AutoModelForCausalLM, pipeline\n"
+            "try:\n"
+            f"    AutoModelForCausalLM.from_pretrained({str(final)!r})\n"
+            "    raise SystemExit('loaded without trust_remote_code')\n"
+            "except ValueError as e:\n"
+            "    assert 'trust_remote_code=True' in str(e), e\n"
             "assert 'mhla_nlp' not in sys.modules\n"
             f"pipe = pipeline('text-generation', model={str(final)!r}, trust_remote_code=True)\n"
             "text = pipe('the cat sat', max_new_tokens=6, do_sample=False)[0]['generated_text']\n"
-            "print(json.dumps({'text': text, 'cls': type(pipe.model).__module__}))\n")
+            "print('\\nRESULT', json.dumps({'text': text, 'cls': type(pipe.model).__module__}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)  # no terminal: transformers' prompt becomes an error
     assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = json.loads(res.stdout.split("\nRESULT ")[-1])  # after the prompt transformers printed
     assert got["cls"] == "mhla_nlp.models.mhla.modeling_mhla"  # the installed classes, no copied code
     assert got["text"] == _greedy(final, "the cat sat")
     assert not list((tmp_path / "m").rglob("modeling_mhla.py"))
