@@ -67,6 +67,7 @@ def test_fresh_process_loads_final_with_trust_remote_code(run, tmp_path):
             "assert 'mhla_nlp' not in sys.modules\n"
             f"pipe = pipeline('text-generation', model={str(final)!r}, trust_remote_code=True)\n"
             "text = pipe('the cat sat', max_new_tokens=6, do_sample=False)[0]['generated_text']\n"
+            f"pipe.model.save_pretrained({str(tmp_path / 'again')!r})\n"
             "print('\\nRESULT', json.dumps({'text': text, 'cls': type(pipe.model).__module__}))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
@@ -76,6 +77,10 @@ def test_fresh_process_loads_final_with_trust_remote_code(run, tmp_path):
     assert got["cls"] == "mhla_nlp.models.mhla.modeling_mhla"  # the installed classes, no copied code
     assert got["text"] == _greedy(final, "the cat sat")
     assert not list((tmp_path / "m").rglob("modeling_mhla.py"))
+    # saved again in that process: the same auto_map, no copies of the package's source
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.py")) == ["mhla_auto.py"]
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"]
+    assert again == json.loads((final / "config.json").read_text())["auto_map"]
 
 
 def test_init_from_starts_from_the_weights(run, tmp_path):
