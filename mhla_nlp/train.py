@@ -10,6 +10,11 @@ rows with per-document positions (SDPA attends across the documents of a row, as
 training). In every case the next-token target across a document boundary is ignored. Rows come from
 per-epoch permutations seeded by (seed, epoch), indexed by the step, so `--resume` replays exactly the same
 batches. The run folder, checkpoints, precision, accumulation and tracking are `mhla_core.training`'s.
+
+`final/` is a library folder: `save_pretrained` of the model plus the tokenizer (`--tokenizer`, else the one
+`prepare_data` recorded for `--data`), so `transformers.pipeline("text-generation", model=<run>/final)` works.
+`--init-from DIR` starts from the weights of a `save_pretrained` folder (`from_pretrained`) whose config builds
+the same architecture as `--model` / `--model-kwargs`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from mhla_core import training
 from mhla_core.checkpoint import unwrap
@@ -50,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
       "spans max_steps")
     a("--eval-every", type=nonnegative_int, default=0, help="validation loss every N steps (0: at the end only)")
     a("--eval-batches", type=positive_int, default=50)
+    a("--tokenizer", default=None, help="tokenizer folder saved into final/ (default: the one prepare_data "
+      "recorded for --data)")
+    a("--init-from", default=None, metavar="DIR", help="start from the weights of a save_pretrained folder "
+      "(e.g. another run's final/) of the same architecture; ignored with --resume")
     training.add_training_args(p, seed=42, checkpoint_every=1000, log_interval=10, grad_checkpointing=False)
     return p
 
@@ -90,14 +101,106 @@ def load_packed(args: argparse.Namespace, vocab_size: int):
                       else None)
 
 
+# config fields that leave what the weights compute unchanged: token ids, initialisation, cache, fused kernels,
+# training-only settings, the auto_map of a saved MHLA config
+NOT_ARCHITECTURE = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache",
+                              "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy",
+                              "use_l2warp", "mixing_clamp", "attention_dropout", "auto_map"})
+
+
+def model_fields(config: Any) -> dict[str, Any]:
+    """The model config a resume must match (`training.config_fields` without the saved-folder `auto_map`)."""
+    return {k: v for k, v in training.config_fields(config.to_dict()).items() if k != "auto_map"}
+
+
+def architecture(config: Any) -> dict[str, Any]:
+    """The fields of a transformers config that decide what its model computes (its own fields, not the
+    generic PretrainedConfig ones, less NOT_ARCHITECTURE); tuples as lists."""
+    from transformers import PretrainedConfig
+
+    generic = set(PretrainedConfig().to_dict())
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model_fields(config).items()
+            if k not in generic and k not in NOT_ARCHITECTURE}
+
+
+def init_from_pretrained(model: nn.Module, path: str | Path, name: str) -> nn.Module:
+    """`type(model).from_pretrained(path)` with `model`'s config (--init-from); ValueError when the folder holds
+    another model type or its config differs from `model`'s in architecture (naming the fields and the
+    --model-kwargs that would match), or when weights are missing or left over."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--init-from {path}: no config.json there; pass a save_pretrained folder such as "
+                         "<run>/final")
+    ours = model.config
+    kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    if kind != ours.model_type:
+        raise ValueError(f"--init-from {path} holds a {kind!r} model, but --model {name} builds {ours.model_type!r}")
+    theirs = architecture(type(ours).from_pretrained(folder))  # the class defaults fill fields the file leaves out
+    mine = architecture(ours)
+    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in diff)
+        fix = " ".join(f"{k}={theirs[k]}" for k in diff if k in theirs)
+        raise ValueError(f"--init-from {path}: its config differs in architecture from --model {name} with these "
+                         f"--model-kwargs ({shown}); pass --model-kwargs {fix}")
+    loaded, info = type(model).from_pretrained(folder, config=ours, dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"--init-from {path}: the weights do not fit the model: {bad}")
+    return freeze_linear_mixing(loaded) if name == "linear" else loaded
+
+
+def load_tokenizer(args: argparse.Namespace, vocab_size: int):
+    """--tokenizer, else the tokenizer prepare_data recorded for --data; None (with a note) when that one does
+    not load. ValueError for a --tokenizer that does not load or has more tokens than the model."""
+    from transformers import AutoTokenizer
+
+    if args.tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--tokenizer {args.tokenizer}: not a tokenizer folder ({e})") from e
+        if len(tok) > vocab_size:
+            raise ValueError(f"--tokenizer {args.tokenizer} has {len(tok)} tokens, more than --model-kwargs "
+                             f"vocab_size={vocab_size}; pass vocab_size={len(tok)} or more")
+        return tok
+    meta = Path(args.data) / "mhla_prepare.json"
+    recorded = json.loads(meta.read_text()).get("tokenizer") if meta.is_file() else None
+    if recorded:
+        try:
+            return AutoTokenizer.from_pretrained(recorded)
+        except (OSError, ValueError):
+            pass
+    print(f"note: no tokenizer for final/ (--data {args.data} names {recorded!r}, which does not load); "
+          "pass --tokenizer DIR", flush=True)
+    return None
+
+
+def save_final(model: nn.Module, tokenizer: Any, folder: Path) -> None:
+    """`save_pretrained` of the model and (when known) the tokenizer into `folder`; the generation config
+    takes the tokenizer's bos/eos/pad ids, so that `generate` stops at its eos."""
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if (tid := getattr(tokenizer, key, None)) is not None:
+                setattr(model.generation_config, key, tid)
+        tokenizer.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
 def run(args: argparse.Namespace) -> dict:
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     acc = training.make_accelerator(args)
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     torch.manual_seed(args.seed)
-    model = build_model(args.model, args.model_kwargs).to(device)
+    model = build_model(args.model, args.model_kwargs)
+    if args.init_from and not args.resume:
+        model = init_from_pretrained(model, args.init_from, args.model)
+        if acc.is_main_process:
+            print(f"weights from --init-from {args.init_from}", flush=True)
+    model = model.to(device)
     train_ds, val_ds = load_packed(args, model.config.vocab_size)
+    tokenizer = load_tokenizer(args, model.config.vocab_size)
     seq_len = len(train_ds[0]["input_ids"])
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
@@ -111,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
                                                            min_lr_rate=args.min_lr_ratio)
     per_step = args.batch_size * args.grad_accum_steps * world
     out = training.run_folder(args, args.model)
-    frozen = {"model": args.model, "model_config": training.config_fields(model.config.to_dict()),
+    frozen = {"model": args.model, "model_config": model_fields(model.config),
               "rows_per_step": per_step}
     r = training.start_run(args, acc, out=out, project="mhla-nlp",
                            config={**vars(args), "seq_len": seq_len, "world": world}, frozen=frozen)
@@ -155,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
                 r.log({"step": step, **evaluate(unwrap(model), val_ds, args, device, args.eval_batches)}, step, False)
     r.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
     if r.main and step == args.max_steps:
-        unwrap(model).save_pretrained(out / "final")
+        save_final(unwrap(model), tokenizer, out / "final")
     if r.main and val_ds is not None:
         with acc.autocast():
             metrics.update(evaluate(unwrap(model), val_ds, args, device, args.eval_batches))

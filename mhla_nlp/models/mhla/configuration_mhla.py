@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from transformers.configuration_utils import PretrainedConfig
+
+# the file `save_pretrained` writes beside config.json, which `auto_map` names: it imports the installed classes
+AUTO_MODULE = "mhla_auto"
+AUTO_MAP = {
+    "AutoConfig": f"{AUTO_MODULE}.MHLAConfig",
+    "AutoModel": f"{AUTO_MODULE}.MHLAModel",
+    "AutoModelForCausalLM": f"{AUTO_MODULE}.MHLAForCausalLM",
+}
+AUTO_SOURCE = '''"""The MHLA classes of the installed `mhla_nlp` package, named by this folder's config.json `auto_map`.
+
+No model code lives here: it lets `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` (or
+`pipeline(..., trust_remote_code=True)`) load the folder in a process that has not imported mhla_nlp.
+"""
+
+from mhla_nlp import MHLAConfig, MHLAForCausalLM, MHLAModel  # noqa: F401
+'''
 
 
 class MHLAConfig(PretrainedConfig):
@@ -13,6 +31,10 @@ class MHLAConfig(PretrainedConfig):
     Beyond GLA's fields: `chunk_size` (tokens per chunk, 64), `max_chunks` (size L of the mixing
     matrix, 32; the longest input is `chunk_size * max_chunks`), `mixing_clamp` (bounds applied by
     `constrain_mixing()`), `rope_theta` (rotary base).
+
+    Saved configs carry an `auto_map` to `mhla_auto.py`, a file `save_pretrained` writes beside them that
+    imports this package's classes, so that a saved folder loads without `import mhla_nlp` when the caller
+    passes `trust_remote_code=True` (transformers' switch for classes it does not ship).
     """
 
     model_type = "mhla"
@@ -75,6 +97,7 @@ class MHLAConfig(PretrainedConfig):
         self.attnres_block_size = None
         self.vocab_size = vocab_size
         kwargs.pop("max_position_embeddings", None)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -82,3 +105,14 @@ class MHLAConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write config.json (transformers) and `mhla_auto.py`, the file its `auto_map` names."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if any(str(v).split(".")[0] == AUTO_MODULE for v in (getattr(self, "auto_map", None) or {}).values()):
+            (Path(save_directory) / f"{AUTO_MODULE}.py").write_text(AUTO_SOURCE)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str | type = "AutoConfig") -> None:
+        """No-op. transformers calls it after loading a folder with `trust_remote_code=True` and would then copy
+        this module's source into every folder saved later; the `auto_map` to `mhla_auto.py` already does the job."""

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from mhla_nlp.layers.mhla import MHLAAttention, reshape_reference_mixing
 from mhla_nlp.models.mhla.configuration_mhla import MHLAConfig
 from mhla_nlp.modules import GatedMLP, RMSNorm
+from mhla_nlp.packing import FLASH_KWARGS, packed_cu_seqlens
 
 # the installed transformers' name of the cache field of model outputs ("cache" or "past_key_values")
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -98,6 +99,11 @@ class MHLAPreTrainedModel(FLAPreTrainedModel):
     _no_split_modules = ["MHLABlock"]
     _supports_cache_class = True
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str | type = "AutoModel") -> None:
+        """No-op, as `MHLAConfig.register_for_auto_class`: saved folders name the installed classes through
+        the config's `auto_map` rather than through copies of this package's source files."""
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
         super()._init_weights(module, *args, **kwargs)
@@ -111,12 +117,17 @@ class MHLAPreTrainedModel(FLAPreTrainedModel):
                 m.constrain_mixing()
 
     def load_reference_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
-        """Load an authors' checkpoint state dict (reshaping the mixing; tied lm_head may be absent)."""
+        """Load an authors' checkpoint state dict (reshaping the mixing; tied lm_head may be absent).
+
+        The mixing is then constrained (`constrain_mixing`): the authors save after an optimiser step, before
+        their next forward clamps it, so their mixing can lie outside `mixing_clamp` or above the diagonal.
+        """
         sd = convert_reference_state_dict(state_dict)
         result = self.load_state_dict(sd, strict=False)
         missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
         if strict and (missing or result.unexpected_keys):
             raise ValueError(f"reference checkpoint mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+        self.constrain_mixing()
         return result
 
 
@@ -148,6 +159,9 @@ class MHLAModel(MHLAPreTrainedModel):
     ) -> BaseModelOutputWithPast | tuple:
         """Hidden states of `input_ids` (or `inputs_embeds`); `cu_seqlens` for packed documents (batch 1).
 
+        Packed documents may also be named as transformers' `DataCollatorWithFlattening` does: `position_ids`
+        restarting per document, `seq_idx`, or `cu_seq_lens_q`/`cu_seq_lens_k`/`max_length_q`/`max_length_k`;
+        `mhla_nlp.packing.packed_cu_seqlens` turns them into `cu_seqlens` and rejects sources that disagree.
         States are kept when `use_cache=True` (as `generate` passes) or when a `cache` is given.
         """
         cache = cache if cache is not None else past_key_values
@@ -160,11 +174,13 @@ class MHLAModel(MHLAPreTrainedModel):
         if use_cache and not isinstance(cache, Cache):
             cache = Cache.from_legacy_cache(cache)
         kwargs.pop("output_attentions", None)
-        kwargs.pop("position_ids", None)
         kwargs.pop("cache_position", None)
-        T = hidden.shape[1]
+        B, T = hidden.shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask[:, -T:].all()):
             attention_mask = None  # no padding among these tokens: one host sync here instead of one per layer
+        packing = {k: kwargs.pop(k, None) for k in ("position_ids", "seq_idx", *FLASH_KWARGS)}
+        cu_seqlens = packed_cu_seqlens(B, T, hidden.device, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                                       **packing)
         all_hidden = () if output_hidden_states else None
         for layer in self.layers:
             if output_hidden_states:
@@ -184,7 +200,8 @@ class MHLAModel(MHLAPreTrainedModel):
 class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
     """MHLA causal LM; `generate()` prefills with `chunk_mhla` and decodes with `fused_recurrent_mhla`.
 
-    Extra forward kwarg: `cu_seqlens` ([N + 1] document boundaries, batch 1) for packed documents.
+    Extra forward kwarg: `cu_seqlens` ([N + 1] document boundaries, batch 1) for packed documents; the
+    `position_ids` / flash kwargs of `DataCollatorWithFlattening` are honoured too (see `MHLAModel.forward`).
     Batched generation with left padding works (per-sequence offsets in the state).
     """
 
