@@ -148,3 +148,17 @@ def test_cuda_graph_generation_equals_eager():
     eager = static_greedy_generate(model, ids, NEW, attention_mask=mask)
     graphed = static_greedy_generate(model, ids, NEW, attention_mask=mask, cuda_graph=True)
     assert torch.equal(eager, ref) and torch.equal(graphed, ref)
+
+
+def test_bench_lm_static_cache_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_lm.py"
+    spec = importlib.util.spec_from_file_location("bench_lm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    md = tmp_path / "bench.md"
+    rows = mod.main(["--tiny", "--device", "cpu", "--models", "mhla", "--mhla-cache", "static", "--markdown", str(md)])
+    assert rows[0]["decode_tok_s"] > 0
+    assert '`fused_recurrent_mhla_static(backend="auto")`, generate, static cache' in md.read_text()
