@@ -64,10 +64,10 @@ def test_static_greedy_generate_equals_generate():
         static_greedy_generate(model, ids, 5, cache=MHLAStaticCache(model.config, 1, 12))
 
 
-def _prefilled(model, batch: int = 2):
-    ids, mask = _batch()
-    cache = MHLAStaticCache(model.config, max_batch_size=batch, max_cache_len=40)
-    step = StaticGreedyStep(model, cache, torch.empty(2, 1, dtype=torch.long), [2], 0)
+def _prefilled(model, device: str = "cpu"):
+    ids, mask = (x.to(device) for x in _batch())
+    cache = MHLAStaticCache(model.config, max_batch_size=2, max_cache_len=40, device=device)
+    step = StaticGreedyStep(model, cache, torch.empty(2, 1, dtype=torch.long, device=device), [2], 0)
     step.select(model(ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1])
     return step
 
@@ -162,3 +162,19 @@ def test_bench_lm_static_cache_smoke(tmp_path):
     rows = mod.main(["--tiny", "--device", "cpu", "--models", "mhla", "--mhla-cache", "static", "--markdown", str(md)])
     assert rows[0]["decode_tok_s"] > 0
     assert '`fused_recurrent_mhla_static(backend="auto")`, generate, static cache' in md.read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_static_step_has_no_host_sync():
+    """Not yet run on a GPU: whole-model static steps under torch.cuda.set_sync_debug_mode("error")."""
+    model = tiny_model().cuda()
+    step = _prefilled(model, "cuda")
+    step()  # warm-up (Triton compilation, autotuning)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
