@@ -8,6 +8,9 @@ Training: one full update (bf16 autocast, forward with the loss, backward, fused
 for MHLA) on `--train-batch` rows of `--train-len` tokens; tokens/s = rows x length / median step time.
 Decoding: greedy `generate()` with the cache from a `--prompt-len` prompt for `--decode-batch` rows;
 decode tokens/s = rows x (n - 1) / (t(n new tokens) - t(1 new token)), so the prefill is excluded.
+`--mhla-cache static` decodes MHLA with `generate(cache_implementation="static")`; `--mhla-cache graph` with
+`mhla_nlp.generation.static_greedy_generate(cuda_graph=True)` (CUDA), timed as rows x (n - 3) / (t(n) - t(3))
+so that the warm-up step and the graph capture are excluded too.
 Medians of CUDA-event timings after warm-up (perf_counter on CPU).
 """
 
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mhla_core.compile import add_compile_args, compile_model, compile_settings  # noqa: E402
+from mhla_nlp.generation import static_greedy_generate  # noqa: E402
 from mhla_nlp.train import _constrain, build_model  # noqa: E402
 from scripts.bench_timing import time_ms  # noqa: E402
 
@@ -61,21 +65,27 @@ def bench_train(model, name: str, args, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def bench_decode(model, args, device: torch.device) -> tuple[float, float]:
-    """(decode tokens/s excluding the prefill, prefill + first token ms)."""
+def bench_decode(model, args, device: torch.device, cache: str = "dynamic") -> tuple[float, float]:
+    """(decode tokens/s excluding the prefill, prefill + first token ms); `cache`: dynamic, static or graph."""
     vocab = model.config.vocab_size
     model.eval()
     prompt = torch.randint(3, vocab, (args.decode_batch, args.prompt_len), device=device)
     mask = torch.ones_like(prompt)
+    extra = {"cache_implementation": "static"} if cache == "static" else {"use_cache": True}
 
     def gen(n):
+        if cache == "graph":
+            return lambda: static_greedy_generate(model, prompt, n, attention_mask=mask, eos_token_id=[],
+                                                  cuda_graph=True)
         return lambda: model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, use_cache=True, pad_token_id=0)
+                                      do_sample=False, pad_token_id=0, **extra)
 
     reps = max(1, args.reps // 2)
+    base = 3 if cache == "graph" else 1  # graph: the warm-up step and the capture happen within the first 3 tokens
     t1 = time_ms(gen(1), device, 1, reps)
+    tb = t1 if base == 1 else time_ms(gen(base), device, 1, reps)
     tn = time_ms(gen(args.new_tokens), device, 1, reps)
-    return args.decode_batch * (args.new_tokens - 1) / ((tn - t1) / 1e3), t1
+    return args.decode_batch * (args.new_tokens - base) / ((tn - tb) / 1e3), t1
 
 
 def markdown(rows: list[dict], info: dict, args) -> str:
@@ -89,7 +99,7 @@ def markdown(rows: list[dict], info: dict, args) -> str:
         f"{rows[0]['layers']} layers, bf16 autocast. Training: {args.train_batch} x {args.train_len} tokens per "
         f"step (forward, loss, backward, AdamW). Decoding: batch {args.decode_batch}, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, greedy with the cache, prefill excluded (MHLA decode steps: "
-        f"`fused_recurrent_mhla(backend=\"{args.mhla_decode_backend}\")`). Ratios against Transformer++.",
+        f"{_mhla_decode_label(args)}). Ratios against Transformer++.",
         "",
         "| model | params | train tokens/s | vs Transformer++ | peak train GiB | decode tokens/s | vs Transformer++ "
         "| prefill + 1 token ms |",
@@ -114,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--new-tokens", type=int, default=128)
     a("--warmup", type=int, default=3)
     a("--reps", type=int, default=10)
-    a("--mhla-decode-backend", default="torch", choices=["torch", "triton", "auto"],
-      help="fused_recurrent_mhla backend of MHLA's cached decode steps")
+    a("--mhla-decode-backend", default=None, choices=["torch", "triton", "auto"],
+      help="backend of MHLA's cached decode steps: fused_recurrent_mhla's (default torch) or, with --mhla-cache "
+           "static or graph, fused_recurrent_mhla_static's (default auto: Triton on CUDA)")
+    a("--mhla-cache", default="dynamic", choices=["dynamic", "static", "graph"],
+      help="MHLA decoding: the dynamic cache, generate(cache_implementation='static'), or "
+           "static_greedy_generate(cuda_graph=True) (CUDA only)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--tiny", action="store_true", help="2-layer width-64 models, short sequences (CPU smoke run)")
     a("--markdown", default=None, help="append the table to this file")
@@ -126,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    if args.mhla_cache == "graph" and device.type != "cuda":
+        raise SystemExit("--mhla-cache graph needs --device cuda (CUDA graphs)")
+    if args.mhla_decode_backend is None:
+        args.mhla_decode_backend = "torch" if args.mhla_cache == "dynamic" else "auto"
     if args.tiny:
         args.train_batch, args.train_len, args.decode_batch = 2, 32, 2
         args.prompt_len, args.new_tokens, args.warmup, args.reps = 16, 8, 1, 2
@@ -140,14 +158,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         cfg = model.config
         for m in model.modules():
             if hasattr(m, "decode_backend"):
-                m.decode_backend = args.mhla_decode_backend
+                m.decode_backend = m.static_decode_backend = args.mhla_decode_backend
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         train = bench_train(model, name, args, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         model.zero_grad(set_to_none=True)
-        decode, prefill = bench_decode(model, args, device)
+        decode, prefill = bench_decode(model, args, device, args.mhla_cache if name == "mhla" else "dynamic")
         rows.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), hidden=cfg.hidden_size,
                          layers=cfg.num_hidden_layers, train_tok_s=train, peak_gib=peak, decode_tok_s=decode,
                          prefill_ms=prefill))
@@ -166,6 +184,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.markdown, "a") as f:
             f.write("\n" + text)
     return rows
+
+
+def _mhla_decode_label(args) -> str:
+    if args.mhla_cache == "dynamic":
+        return f"`fused_recurrent_mhla(backend=\"{args.mhla_decode_backend}\")`"
+    how = "one CUDA graph per decode step" if args.mhla_cache == "graph" else "generate, static cache"
+    return f"`fused_recurrent_mhla_static(backend=\"{args.mhla_decode_backend}\")`, {how}"
 
 
 def _version(pkg: str) -> str:

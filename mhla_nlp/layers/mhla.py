@@ -18,6 +18,7 @@ from torch import nn
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla
 from mhla_core.constraint import register_constrained
+from mhla_core.ops.causal import StaticMHLAState, fused_recurrent_mhla_static
 from mhla_core.ops.causal.checks import check_cu_seqlens
 from mhla_core.ops.utils import host_to_device
 from mhla_nlp.modules import FusedRMSNormGated, Rotary
@@ -60,7 +61,9 @@ class MHLAAttention(nn.Module):
 
     Handles full batches, padded batches (attention_mask -> packed documents), packed input
     (`cu_seqlens`, batch 1) and cached decoding (prefill with `chunk_mhla`, then
-    `fused_recurrent_mhla` per token from an `MHLAState` with per-sequence offsets).
+    `fused_recurrent_mhla` per token from an `MHLAState` with per-sequence offsets). With a static cache
+    (`mhla_nlp.cache.MHLAStaticCache`) the layer state is a `StaticMHLAState`: a prefill is loaded into it
+    and a one-token step updates it in place with `fused_recurrent_mhla_static`, offsets on the device.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class MHLAAttention(nn.Module):
         self.mixing_clamp = (float(mixing_clamp[0]), float(mixing_clamp[1]))
         self.backend = backend
         self.decode_backend = "torch"  # fused_recurrent_mhla's backend for cached one-token steps
+        self.static_decode_backend = "auto"  # fused_recurrent_mhla_static's, with a static cache (Triton on CUDA)
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -160,6 +164,11 @@ class MHLAAttention(nn.Module):
                     "with a cache, new tokens must all be real tokens of one sequence per row: "
                     "left padding before the prefill is supported, padding or cu_seqlens after it is not"
                 )
+            if isinstance(state, StaticMHLAState):  # offsets on the device; the length bound is kept on the host
+                if B > state.batch_size:
+                    raise ValueError(f"the static cache holds {state.batch_size} sequences, the input has {B}")
+                self._check_length(state.max_offset + T)
+                return LayerInputs(hidden_states, state.offsets[:B, None] + torch.arange(T, device=dev))
             self._check_length(max(state.offsets) + T)
             positions = host_to_device(torch.tensor([[off + t for t in range(T)] for off in state.offsets]), dev)
             return LayerInputs(hidden_states, positions)
@@ -193,9 +202,12 @@ class MHLAAttention(nn.Module):
     ) -> tuple[torch.Tensor, None, Any]:
         """hidden_states [B, T, D]; attention_mask [B, T_past + T] (1 = token, 0 = padding, contiguous per row)."""
         B, T, _ = hidden_states.shape
-        state: MHLAState | None = None
+        state: MHLAState | StaticMHLAState | None = None
         if past_key_values is not None and len(past_key_values) > self.layer_idx:
             state = past_key_values[self.layer_idx]["recurrent_state"]
+        static = state if isinstance(state, StaticMHLAState) else None
+        if static is not None and (static.empty or T > 1):  # a prefill (or continuation) runs as with a dynamic cache
+            state = None if static.empty else static.to_state(self.max_chunks, B)  # to_state syncs once
         inputs = self._prepare_inputs(hidden_states, attention_mask, cu_seqlens, state)
         x = inputs.x
 
@@ -208,7 +220,10 @@ class MHLAAttention(nn.Module):
 
         want_state = bool(use_cache) and past_key_values is not None
         common = dict(chunk_size=self.chunk_size, initial_state=state, output_final_state=want_state)
-        if state is not None and T == 1:
+        if static is not None and state is static:  # in place, no host sync: a CUDA graph can capture it
+            o = fused_recurrent_mhla_static(q, k, v, self.mixing_matrix, static, backend=self.static_decode_backend)
+            new_state = static
+        elif state is not None and T == 1:
             o, new_state = fused_recurrent_mhla(q, k, v, self.mixing_matrix, backend=self.decode_backend, **common)
         elif x.shape[1] == 0:  # every row is padding
             o, new_state = v.new_zeros(*v.shape), (self._empty_state(B, v) if want_state else None)
@@ -221,5 +236,8 @@ class MHLAAttention(nn.Module):
         o = self.o_proj(self.g_norm_swish_gate(o, g).flatten(-2))
         o = repad_hidden_states(o, inputs.indices, B, T)
         if want_state:
+            if static is not None and new_state is not static:
+                static.load_(new_state, self.mixing_matrix)
+                new_state = static
             past_key_values.update(recurrent_state=new_state, layer_idx=self.layer_idx, offset=T)
         return o, None, past_key_values

@@ -8,6 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mhla_core import MHLAState, causal_mixing_init, chunk_mhla, fused_recurrent_mhla  # noqa: E402
+from mhla_core.ops.causal import StaticMHLAState, fused_recurrent_mhla_static, mix_chunk_states  # noqa: E402
 from tests.core.errors import rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,3 +71,53 @@ def test_inputs_needing_grad_run_the_differentiable_path():
     out, _ = fused_recurrent_mhla(q, k, v, W, chunk_size=4, backend="triton")
     out.sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_one_token_per_call_keeps_the_mixed_state(per_head):
+    """The state passed back carries S~ of the current chunk; rows cross chunk ends at different calls."""
+    C, L, H, Dk, Dv, steps = 4, 8, 2, 16, 16, 11
+    q, k, v, W = _inputs(2, 14 + steps, H, Dk, Dv, L, per_head, seed=5, dtype=torch.float32)
+    full, _ = chunk_mhla(q, k, v, W, chunk_size=C, backend="torch")
+    pre = [chunk_mhla(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], W, chunk_size=C, output_final_state=True,
+                      backend="torch")[1] for i, n in ((0, 14), (1, 9))]
+    state = MHLAState.cat(pre)
+    outs = []
+    for t in range(steps):
+        cols = [14 + t, 9 + t]
+        qt, kt, vt = (torch.stack([x[b, c] for b, c in enumerate(cols)])[:, None] for x in (q, k, v))
+        o, state = fused_recurrent_mhla(qt, kt, vt, W, chunk_size=C, initial_state=state, output_final_state=True,
+                                        backend="triton")
+        outs.append(o)
+        idx = torch.tensor([off // C for off in state.offsets], device=DEVICE)
+        assert rel_err(state.mixed, mix_chunk_states(W, state.chunk_states, idx)) < 1e-5
+    out = torch.cat(outs, dim=1)
+    assert rel_err(out[0], full[0, 14:14 + steps]) < 1e-5 and rel_err(out[1], full[1, 9:9 + steps]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_static_triton_step_equals_the_pytorch_step(dtype, per_head):
+    """In place, offsets on the device, a spare row and fewer chunk slots than L."""
+    C, L, H, Dk, Dv, steps = 4, 8, 2, 16, 24, 10
+    q, k, v, W = _inputs(2, 16 + steps, H, Dk, Dv, L, per_head, seed=6, dtype=dtype)
+    pre = [chunk_mhla(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], W, chunk_size=C, output_final_state=True,
+                      backend="torch")[1] for i, n in ((0, 16), (1, 7))]
+    states = [StaticMHLAState.zeros(3, H, 7, Dk, Dv, C, device=DEVICE) for _ in range(2)]
+    for s in states:
+        s.load_(MHLAState.cat(pre), W)
+    outs = {"triton": [], "torch": []}
+    with torch.no_grad():
+        for t in range(steps):
+            cols = [16 + t, 7 + t]
+            qt, kt, vt = (torch.stack([x[b, c] for b, c in enumerate(cols)])[:, None] for x in (q, k, v))
+            for (name, lst), s in zip(outs.items(), states):
+                lst.append(fused_recurrent_mhla_static(qt, kt, vt, W, s, backend=name))
+    o_tri, o_ref = torch.cat(outs["triton"], 1), torch.cat(outs["torch"], 1)
+    assert o_tri.dtype == dtype and rel_err(o_tri, o_ref) < TOL[dtype]
+    full, _ = chunk_mhla(q[:1].float(), k[:1].float(), v[:1].float(), W, chunk_size=C, backend="torch")
+    assert rel_err(o_tri[0].float(), full[0, 16:16 + steps]) < TOL[dtype]
+    tri, ref = states
+    assert tri.offsets.tolist() == ref.offsets.tolist() == [16 + steps, 7 + steps, 0]
+    for name in ("chunk_states", "partial", "mixed"):
+        assert rel_err(getattr(tri, name), getattr(ref, name)) < 1e-5, name

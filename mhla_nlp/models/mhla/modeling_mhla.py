@@ -7,6 +7,7 @@ installed release's field, also readable as `output_cache(out)`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from mhla_nlp.cache import MHLAStaticCache
 from mhla_nlp.layers.mhla import MHLAAttention, reshape_reference_mixing
 from mhla_nlp.models.mhla.configuration_mhla import MHLAConfig
 from mhla_nlp.modules import GatedMLP, RMSNorm
@@ -218,6 +220,20 @@ class MHLAForCausalLM(MHLAPreTrainedModel, GenerationMixin):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own fla Cache of MHLAState per layer
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
+        """`generate(cache_implementation="static")` gets an `MHLAStaticCache` sized like transformers' StaticCache."""
+        if generation_config.cache_implementation != "static" or generation_config.use_cache is False \
+                or model_kwargs.get(CACHE_FIELD) is not None:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        bound = inspect.signature(GenerationMixin._prepare_cache_for_generation).bind(
+            self, generation_config, model_kwargs, *args, **kwargs).arguments
+        length = max(bound["max_cache_length"], getattr(generation_config, "max_cache_len", None) or 0)
+        batch = bound["batch_size"] * max(generation_config.num_beams, generation_config.num_return_sequences)
+        model_kwargs[CACHE_FIELD] = MHLAStaticCache(
+            self.config, max_batch_size=batch, max_cache_len=min(length, self.config.max_position_embeddings),
+            device=self.device, dtype=torch.float64 if self.dtype == torch.float64 else torch.float32,
+        )
 
     def get_decoder(self) -> MHLAModel:
         return self.model
