@@ -101,3 +101,25 @@ def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def cached_hash(self) -> int:
+    """`__hash__` of a frozen config dataclass, computed once per object: configs key the per-call caches
+    (plans, launch constants), and hashing their nested fields on every call cost host time. Not pickled
+    (`config_getstate`): str hashes differ between processes."""
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = hash(tuple(getattr(self, f) for f in self.__dataclass_fields__))
+        object.__setattr__(self, "_hash", h)
+    return h
+
+
+def config_getstate(self) -> dict:
+    """`__getstate__` that leaves out the cached hash."""
+    return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatch when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+

@@ -144,7 +144,7 @@ def _dw_kernel(
 
 def _mixing3(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mixing as fp32 [Hw, M, M] contiguous and its head stride (0 when shared)."""
-    w3 = w.to(torch.float32).contiguous()
+    w3 = w if w.dtype == torch.float32 and w.is_contiguous() else w.to(torch.float32).contiguous()
     if w3.dim() == 2:
         return w3, 0
     return w3, w3.stride(0)

@@ -33,6 +33,7 @@ of padding to the next power of two.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -45,6 +46,7 @@ from mhla_core.ops.triton_helpers import cast as _cast
 from mhla_core.ops.triton_helpers import device_fn as _device_fn
 from mhla_core.ops.triton_helpers import dot as _dot
 from mhla_core.ops.triton_helpers import next_pow2 as _pow2
+from mhla_core.ops.utils import cached_hash, config_getstate
 
 W_GATHER, W_ONEHOT, W_SCALAR, W_ROW, W_BLOCKS, W_EXPAND, W_DENSE = 0, 1, 2, 3, 4, 5, 6
 BLOCK_MODES = (W_BLOCKS, W_EXPAND)  # modes that need L (a power of two) to divide both tiles
@@ -541,6 +543,9 @@ DW_MODES = ("auto", "onehot", "reshape")
 class ParallelTiles:
     """Tile sizes and launch settings of the parallel path (one set per kernel)."""
 
+    __hash__ = cached_hash
+    __getstate__ = config_getstate
+
     fwd_bq: int = 64
     fwd_bk: int = 64
     fwd_warps: int = 4
@@ -639,18 +644,6 @@ def dim_tiles(d: int, split: bool) -> tuple[int, int]:
     return split_dim(d) if split else (_pow2(d), 0)
 
 
-def _dims(q: torch.Tensor, v: torch.Tensor, split: bool) -> dict:
-    DK, DV = q.shape[-1], v.shape[-1]
-    dk1, dk2 = dim_tiles(DK, split)
-    dv1, dv2 = dim_tiles(DV, split)
-    return dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16))
-
-
-def _precisions(dtype: torch.dtype) -> dict:
-    fp32 = dtype == torch.float32
-    return dict(PREC="ieee" if fp32 else "tf32", WPREC="ieee" if fp32 else "tf32")
-
-
 def _grid_args(rowmap: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     """(map pointer, N block-major positions, GRID) for block-major tokens or a grid layout's row map."""
     mp, grid = rowmap_args(rowmap, q)
@@ -681,6 +674,32 @@ def reference_sums(q, k, L: int, scale: float, rowmap=None):
     return p, z
 
 
+@lru_cache(maxsize=1024)
+def _launch_consts(kernel: str, tiles: ParallelTiles, N: int, L: int, DK: int, DV: int, dtype: torch.dtype,
+                   norm: int, grid: bool, need_dw: bool = False) -> tuple[int, int, dict]:
+    """(tokens per program, WMODE, constexprs and launch options) of one parallel kernel at one shape;
+    cached, so that a call does no more host work than its strides and its launch."""
+    bq, bk = getattr(tiles, kernel + "_bq"), getattr(tiles, kernel + "_bk")
+    bq, bk, wmode, nb = _tiles_for(tiles, bq, bk, N, L)
+    if kernel == "dkdv" and wmode == W_GATHER:  # the block sums of dW use the one-hot products
+        wmode = W_ONEHOT if need_dw else W_GATHER
+    fp32 = dtype == torch.float32
+    dk1, dk2 = dim_tiles(DK, tiles.split_dims)
+    dv1, dv2 = dim_tiles(DV, tiles.split_dims)
+    consts = dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16),
+                  BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb, PREC="ieee" if fp32 else "tf32",
+                  WPREC="ieee" if fp32 else "tf32", GRID=grid,
+                  num_warps=getattr(tiles, kernel + "_warps"), num_stages=getattr(tiles, kernel + "_stages"))
+    block = _block_consts(tiles, bq, bk, L, wmode, need_dw)
+    if kernel == "fwd":
+        consts.update(JB=_mix_chunk(N // L), LB=block["LB"])
+    elif kernel == "dq":
+        consts.update(LB=block["LB"])
+    else:
+        consts.update(NBQ=bq // L if wmode == W_ROW else _pow2(_blocks_in_window(bq, L)), NEED_DW=need_dw, **block)
+    return (bk if kernel == "dkdv" else bq), wmode, consts
+
+
 def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
             tiles: ParallelTiles, rowmap=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, N, H, Dv] in v.dtype, r [B * H, M L] fp32: 1 / denominator, ones when norm == 0).
@@ -688,19 +707,16 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
     rowmap: None for block-major tokens, else the int32 [M L] row-major grid index of each
     block-major position (-1 for padding, `BlockLayout.token_index`): tokens stay in grid order.
     """
-    B, _, H, _ = q.shape
+    B, _, H, DK = q.shape
     mp, N, grid = _grid_args(rowmap, q)
-    M = N // L
     o = torch.empty_like(v)
     r = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     p = reference_sums(q, k, L, scale, rowmap)[0] if norm == 2 else r
-    bq, bk, wmode, nb = _tiles_for(tiles, tiles.fwd_bq, tiles.fwd_bk, N, L)
+    tile, wmode, consts = _launch_consts("fwd", tiles, N, L, DK, v.shape[-1], q.dtype, norm, grid)
     wx, sx_h = dense_mixing(w3, sw_h, L, N) if wmode == W_DENSE else (w3, 0)
-    _par_fwd_kernel[(triton.cdiv(N, bq), B * H)](
-        q, k, v, w3, wx, p, o, r, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        sw_h, sx_h, H, N, L, M, scale, eps, **_dims(q, v, tiles.split_dims), BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, **_precisions(q.dtype), GRID=grid, JB=_mix_chunk(M),
-        LB=_block_consts(tiles, bq, bk, L, wmode)["LB"], num_warps=tiles.fwd_warps, num_stages=tiles.fwd_stages,
+    _par_fwd_kernel[(-(-N // tile), B * H)](
+        q, k, v, w3, wx, p, o, r, mp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        sw_h, sx_h, H, N, L, N // L, scale, eps, **consts,
     )
     return o, r
 
@@ -708,41 +724,33 @@ def forward(q, k, v, w3, sw_h: int, L: int, norm: int, eps: float, scale: float,
 def backward(do, q, k, v, w3, sw_h: int, o, r, L: int, norm: int, eps: float, scale: float,
              need_dw: bool, tiles: ParallelTiles, rowmap=None):
     """(dq, dk, dv, dW [Hw, M, M] fp32 or None) from the saved o and r of `forward`."""
-    B, _, H, _ = q.shape
+    B, _, H, DK = q.shape
+    DV = v.shape[-1]
     mp, N, grid = _grid_args(rowmap, q)
     M = N // L
     BH = B * H
-    dims = _dims(q, v, tiles.split_dims)
-    prec = _precisions(q.dtype)
     delta = torch.empty((BH, N) if norm else (0,), dtype=torch.float32, device=q.device)
     rr = r if norm else delta
     dq = torch.empty_like(q)
-    bq, bk, wmode, nb = _tiles_for(tiles, tiles.dq_bq, tiles.dq_bk, N, L)
+    tile, wmode, consts = _launch_consts("dq", tiles, N, L, DK, DV, q.dtype, norm, grid)
     wx, sx_h = dense_mixing(w3, sw_h, L, N) if tiles.w_mode == "dense" else (w3, 0)
-    _par_dq_kernel[(triton.cdiv(N, bq), BH)](
-        k, v, w3, wx, o, do, rr, delta, dq, mp, *_strides(k), *_strides(v), *_strides(o),
-        *_strides(do), *_strides(dq), sw_h, sx_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, **prec, GRID=grid, LB=_block_consts(tiles, bq, bk, L, wmode)["LB"],
-        num_warps=tiles.dq_warps, num_stages=tiles.dq_stages,
+    _par_dq_kernel[(-(-N // tile), BH)](
+        k, v, w3, wx, o, do, rr, delta, dq, mp, *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        *do.stride()[:3], *dq.stride()[:3], sw_h, sx_h, H, N, L, M, scale, **consts,
     )
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dwp = torch.zeros((BH, M, M) if need_dw else (1,), dtype=torch.float32, device=q.device)
-    bq, bk, wmode, nb = _tiles_for(tiles, tiles.dkdv_bq, tiles.dkdv_bk, N, L)
-    if wmode == W_GATHER:  # the block sums of dW use the one-hot products
-        wmode = W_ONEHOT if need_dw else W_GATHER
-    _par_dkdv_kernel[(triton.cdiv(N, bk), BH)](
-        q, k, v, w3, wx, do, rr, delta, dk, dv, dwp, mp, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), sw_h, sx_h, H, N, L, M, scale, **dims, BQ=bq, BK=bk, NORM=norm,
-        WMODE=wmode, NB=nb, NBQ=bq // L if wmode == W_ROW else _pow2(_blocks_in_window(bq, L)), **prec,
-        NEED_DW=need_dw, GRID=grid, **_block_consts(tiles, bq, bk, L, wmode, need_dw),
-        num_warps=tiles.dkdv_warps, num_stages=tiles.dkdv_stages,
+    tile, wmode, consts = _launch_consts("dkdv", tiles, N, L, DK, DV, q.dtype, norm, grid, need_dw)
+    _par_dkdv_kernel[(-(-N // tile), BH)](
+        q, k, v, w3, wx, do, rr, delta, dk, dv, dwp, mp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], sw_h, sx_h, H, N, L, M, scale, **consts,
     )
     if norm == 2:
         _reference_terms(q, k, w3, sw_h, r, delta, dq, dk, dwp, need_dw, L, scale, rowmap)
-    dw = dwp.view(B, H, M, M).sum(dim=0) if need_dw else None
-    if dw is not None and sw_h == 0:
-        dw = dw.sum(dim=0, keepdim=True)
+    dw = None
+    if need_dw:  # per-(b, h) partials summed over the batch (and the heads for a shared W)
+        dw = dwp.view(BH, M, M).sum(dim=0, keepdim=True) if sw_h == 0 else dwp.view(B, H, M, M).sum(dim=0)
     return dq, dk, dv, dw
 
 

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from mhla_core.ops.noncausal.parallel import ParallelTiles, default_tiles, dim_tiles
 from mhla_core.ops.noncausal.state_config import StateConfig, default_state_config
+from mhla_core.ops.utils import cached_hash, config_getstate
 
 PATHS = ("auto", "parallel", "state")
 GRID_GATHER = ("auto", "always", "never")
@@ -39,6 +40,9 @@ class NoncausalConfig:
         variant's limits and cost model, mixing implementation and precision, a forced variant).
     Both default to the GPU values, or to small tiles under the Triton interpreter.
     """
+
+    __hash__ = cached_hash
+    __getstate__ = config_getstate
 
     path: str = "auto"
     parallel: ParallelTiles = field(default_factory=default_tiles)

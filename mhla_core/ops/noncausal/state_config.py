@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mhla_core.ops.utils import INTERPRET
+from mhla_core.ops.utils import INTERPRET, cached_hash, config_getstate
 
 VARIANTS = ("auto", "state", "direct")
 MIX_IMPLS = ("triton", "stationary", "auto", "matmul")
@@ -162,6 +162,9 @@ class StateConfig:
         for the exact normaliser: there dq is a difference of two close terms, which bf16 states cost
         10x its accuracy. fp32 inputs keep fp32 states.
     """
+
+    __hash__ = cached_hash
+    __getstate__ = config_getstate
 
     variant: str = "auto"
     state_kernel: TokenLaunch = field(default_factory=lambda: TokenLaunch(64, 8, 2))

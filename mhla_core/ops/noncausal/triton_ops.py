@@ -15,6 +15,7 @@ from mhla_core.ops.noncausal import parallel as P
 from mhla_core.ops.noncausal.launch import block_positions
 from mhla_core.ops.noncausal.mix import _mixing3
 from mhla_core.ops.noncausal.plan import DEFAULT_CONFIG, PATHS, NoncausalConfig, choose_path
+from mhla_core.ops.utils import as_dtype
 
 _NORM = {"exact": K.NORM_EXACT, "reference": K.NORM_REFERENCE}
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,7 +40,7 @@ def _prepare(q, k, v):
                 "the Triton MHLA kernels do not support float64 inputs; use backend='torch' for float64"
             )
         raise ValueError(f"the Triton MHLA kernels support fp32, bf16 and fp16 inputs, got {dt}")
-    return tuple(_unit_stride(t.to(dt)) for t in (q, k, v))
+    return tuple(_unit_stride(as_dtype(t, dt)) for t in (q, k, v))
 
 
 def _path(q_, v_, block_size: int, n_pos: int, cfg: NoncausalConfig) -> str:
@@ -60,12 +61,12 @@ def _forward(q, k, v, mixing, rowmap, block_size, normalize, normalizer, eps, sc
     if q_.numel() and v_.numel() and _path(q_, v_, block_size, n_pos, cfg) == "parallel":
         w3, sw_h = _mixing3(mixing)
         o, r = P.forward(q_, k_, v_, w3, sw_h, block_size, norm, eps, scale, cfg.parallel, rowmap)
-        return o.to(out_dtype), r
+        return as_dtype(o, out_dtype), r
     unused = q_.new_zeros((B * H, n_pos), dtype=torch.float32)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros(v.shape, dtype=out_dtype, device=v.device), unused
     o = K.forward(q_, k_, v_, mixing, block_size, norm, eps, scale, cfg.state, rowmap)
-    return o.to(out_dtype), unused
+    return as_dtype(o, out_dtype), unused
 
 
 def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normalizer, eps, scale, need_dmixing,
@@ -73,18 +74,18 @@ def _backward(do, q, k, v, mixing, rowmap, o, r, block_size, normalize, normaliz
     q_, k_, v_ = _prepare(q, k, v)
     if q_.numel() == 0 or v_.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mixing)
-    do_ = _unit_stride(do.to(v_.dtype))
+    do_ = _unit_stride(as_dtype(do, v_.dtype))
     norm = _norm_mode(normalize, normalizer)
     if _path(q_, v_, block_size, block_positions(q, rowmap), cfg) == "parallel":
         w3, sw_h = _mixing3(mixing)
-        o_ = _unit_stride(o.to(v_.dtype))
+        o_ = _unit_stride(as_dtype(o, v_.dtype))
         dq, dk, dv, dw = P.backward(do_, q_, k_, v_, w3, sw_h, o_, r, block_size, norm, eps, scale,
                                     need_dmixing, cfg.parallel, rowmap)
     else:
         dq, dk, dv, dw = K.backward(do_, q_, k_, v_, mixing, block_size, norm, eps, scale, cfg.state, need_dmixing,
                                     rowmap)
-    dw = torch.zeros_like(mixing) if dw is None else dw.reshape(mixing.shape).to(mixing.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw
+    dw = torch.zeros_like(mixing) if dw is None else as_dtype(dw.reshape(mixing.shape), mixing.dtype)
+    return as_dtype(dq, q.dtype), as_dtype(dk, k.dtype), as_dtype(dv, v.dtype), dw
 
 
 # ------------------------------------------------------------------------------------------------
