@@ -23,8 +23,9 @@ def test_config_builds_its_model(path):
     assert model.patch_embed.img_size[0] in (res, 256 if res == 224 else res)
 
 
-def test_seven_paper_configs():
-    assert len(CONFIGS) == 7
+def test_seven_paper_configs_and_two_baselines():
+    names = {p.stem for p in CONFIGS}
+    assert len(names) == 8 and {"linear_deit_tiny_224", "softmax_block_deit_tiny_224"} <= names
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
