@@ -10,7 +10,7 @@ from mhla_image_classification.models import MODEL_NAMES
 
 
 def test_every_name_is_registered_and_creates():
-    assert len(MODEL_NAMES) == 12
+    assert len(MODEL_NAMES) == 21
     for name in MODEL_NAMES:
         assert timm.is_model(name), name
         model = timm.create_model(name, num_classes=7)
