@@ -149,7 +149,10 @@ def _noncausal_impls(q, k, v, W, L, device) -> dict[str, Callable[[], torch.Tens
     impls["linear attn (torch)"] = lambda: _linear_attention(q, k, v)
     if q.shape[1] <= AUTHORS_MAX_TOKENS:
         if device.type == "cuda":
-            authors = torch.compile(authors_style_mhla)
+            # static shapes, compiled afresh per shape: after two shapes dynamo would otherwise switch to a
+            # dynamic-shape graph, which ran this baseline up to 1.7x slower (DiT-XL/2 512, 2026-12-02 log)
+            torch._dynamo.reset()
+            authors = torch.compile(authors_style_mhla, dynamic=False)
             impls["authors-style (torch.compile)"] = lambda: authors(q, k, v, W, L)
         else:
             impls["authors-style"] = lambda: authors_style_mhla(q, k, v, W, L)
@@ -170,7 +173,8 @@ def _causal_impls(q, k, v, W, C, device, chunk_linear_attn) -> dict[str, Callabl
         impls["MHLA triton"] = lambda: chunk_mhla(q, k, v, W, chunk_size=C, backend="triton")[0]
     if q.shape[1] <= LOOP_MAX_TOKENS:
         if device.type == "cuda":
-            loop = torch.compile(chunk_loop_mhla)
+            torch._dynamo.reset()  # static shapes per shape, as for the non-causal baseline
+            loop = torch.compile(chunk_loop_mhla, dynamic=False)
             impls["authors'-style loop (torch.compile)"] = lambda: loop(q, k, v, W, C)
         else:
             impls["authors'-style loop"] = lambda: chunk_loop_mhla(q, k, v, W, C)
