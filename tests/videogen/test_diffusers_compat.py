@@ -1,7 +1,7 @@
 """The MHLA Wan transformer under diffusers' and accelerate's model tooling, as a diffusers user would call it.
 
-Offloading hooks (group offload, accelerate's cpu_offload), layerwise casting and `fuse_qkv_projections`:
-tiny models, CPU, float32.
+Offloading hooks (group offload, accelerate's cpu_offload), layerwise casting, `from_pretrained` on a softmax
+Wan folder and `fuse_qkv_projections`: tiny models, CPU, float32.
 """
 
 import copy
@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 
 from mhla_videogen.attention import MHLAWanAttention, RotaryWithGrid
 from mhla_videogen.model import MHLAWanTransformer3DModel
@@ -88,6 +89,64 @@ def test_layerwise_casting_float8_storage():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out, forward(ref), rtol=1e-5, atol=1e-5)
     assert all(p.dtype == stored[n] for n, p in model.named_parameters())  # storage dtype restored after forward
+
+
+@pytest.fixture
+def wan_dir(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "wan"
+    WanTransformer3DModel(**TINY_WAN).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("gated,mixing_init", [(False, "distance"), (True, "reference")])
+def test_from_pretrained_softmax_dir_initialises_mhla(wan_dir, gated, mixing_init):
+    from mhla_videogen.convert import from_wan
+
+    model = MHLAWanTransformer3DModel.from_pretrained(
+        wan_dir, mhla_layers="hybrid", block_layout=BLOCKS, mhla_gated=gated, mixing_init=mixing_init
+    )
+    assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert model.config.mhla_layers == [1, 2] and all(isinstance(model.blocks[i].attn1, MHLAWanAttention)
+                                                      for i in (1, 2))
+    expected = from_wan(wan_dir, layers="hybrid", gated=gated, mixing_init=mixing_init, block_layout=BLOCKS)
+    sd, sd2 = model.state_dict(), expected.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd), [k for k in sd if not torch.equal(sd[k], sd2[k])]
+    torch.testing.assert_close(forward(model), forward(expected.eval()), rtol=0, atol=0)
+
+
+def test_from_pretrained_gated_distance_gate_is_initialised(wan_dir):
+    """The gate's default init is random: check it is real (finite, not constant), not a copy of anything."""
+    model, info = MHLAWanTransformer3DModel.from_pretrained(
+        wan_dir, mhla_layers=[2], block_layout=BLOCKS, mhla_gated=True, output_loading_info=True
+    )
+    assert sorted(info["missing_keys"]) == sorted(model.mhla_state_keys())
+    g = model.blocks[2].attn1.g
+    assert g.weight.device.type == "cpu" and torch.isfinite(g.weight).all() and g.weight.std() > 0
+    assert torch.isfinite(forward(model)).all()
+
+
+def test_from_pretrained_mhla_dir_loads_exactly(tmp_path):
+    model = make([0, 2])
+    model.save_pretrained(tmp_path)
+    loaded = MHLAWanTransformer3DModel.from_pretrained(tmp_path)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_from_pretrained_refuses_half_a_gate(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mhla_videogen.convert import ConversionError
+
+    make([1]).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    sd = load_file(weights)
+    del sd["blocks.1.attn1.g.bias"]
+    save_file(sd, weights)
+    with pytest.raises(ConversionError, match="blocks.1.attn1.g.bias"):
+        MHLAWanTransformer3DModel.from_pretrained(tmp_path)
 
 
 def test_fuse_qkv_projections_matches_unfused():
