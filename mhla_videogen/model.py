@@ -7,11 +7,18 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
+
+# `ModelMixin` must be a name of this module: a pipeline saved with this transformer records it in model_index.json
+# as ["mhla_videogen.model", "MHLAWanTransformer3DModel"], and diffusers' pipeline loader looks the loading base
+# classes (`ModelMixin`, ...) up in that module to find how to load the component.
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 from torch import nn
 
 from mhla_core import BlockLayout, block_distance_mixing
 from mhla_videogen.attention import MHLAWanAttention, MHLAWanAttnProcessor, RotaryWithGrid
+
+__all__ = ["ConversionError", "MHLAWanTransformer3DModel", "ModelMixin", "resolve_layers"]
 
 MIXING_INITS = ("distance", "reference")
 REFERENCE_INIT = 1e-6  # the authors' effective start of g, g_norm and the mixing matrix (a positional slip)

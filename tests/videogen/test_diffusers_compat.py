@@ -1,10 +1,11 @@
 """The MHLA Wan transformer under diffusers' and accelerate's model tooling, as a diffusers user would call it.
 
 Offloading hooks (group offload, accelerate's cpu_offload), layerwise casting, `from_pretrained` on a softmax
-Wan folder and `fuse_qkv_projections`: tiny models, CPU, float32.
+Wan folder, a `WanPipeline` save/load round trip and `fuse_qkv_projections`: tiny models, CPU, float32.
 """
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -147,6 +148,25 @@ def test_from_pretrained_refuses_half_a_gate(tmp_path):
     save_file(sd, weights)
     with pytest.raises(ConversionError, match="blocks.1.attn1.g.bias"):
         MHLAWanTransformer3DModel.from_pretrained(tmp_path)
+
+
+def test_wan_pipeline_round_trip(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from .conftest import tiny_text_parts, tiny_vae
+
+    tokenizer, text_encoder = tiny_text_parts(TINY_WAN["text_dim"])
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(TINY_WAN["in_channels"]),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=make())
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["transformer"] == ["mhla_videogen.model", "MHLAWanTransformer3DModel"]
+    loaded = WanPipeline.from_pretrained(tmp_path)
+    assert type(loaded.transformer) is MHLAWanTransformer3DModel
+    assert loaded.transformer.config.mhla_layers == [1, 2] and loaded.transformer.config.mhla_gated
+    sd, sd2 = pipe.transformer.state_dict(), loaded.transformer.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    torch.testing.assert_close(forward(loaded.transformer), forward(pipe.transformer), rtol=0, atol=0)
 
 
 def test_fuse_qkv_projections_matches_unfused():
