@@ -5,7 +5,8 @@ What exists:
   `g`, `g_norm`, `block_attn.conv` (the authors' key names) whose processor runs `mhla_core.mhla` over the
   block-major latent token grid with Wan's RoPE after the feature map, no normaliser, fp32 state math.
 - `MHLAWanTransformer3DModel` (`mhla_videogen.model`): `WanTransformer3DModel` with MHLA on `mhla_layers`
-  ("hybrid" = i % 3 != 0, "full"), `block_layout`, `mhla_gated`, `mixing_init`; save/from_pretrained.
+  ("hybrid" = i % 3 != 0, "full"), `block_layout`, `mhla_gated`, `mixing_init`; save/from_pretrained (also from a
+  softmax Wan folder), WanPipeline save/load, group/cpu offloading, layerwise casting, QKV fusion.
 - `from_wan` and `python -m mhla_videogen.convert` (`mhla_videogen.convert`): softmax Wan -> MHLA, and the
   authors' released state dict -> a diffusers model folder (layer set and gating detected from the keys).
 

@@ -10,11 +10,17 @@ The math (the authors' `MHLA_Video_Uni` with `norm_output: false`, `rope_after: 
 
 Parameter names follow the authors' checkpoint: `g` (gate, optional), `g_norm` (per-head RMSNorm),
 `block_attn.conv` (the mixing matrix stored as a [M, M, 1, 1] 1x1-conv weight).
+
+The processor reaches every weight by calling the module that owns it (`norm_q(...)`, `g_norm(...)`,
+`block_attn.conv()`), never by reading `.weight` from outside: offloading hooks (accelerate's `cpu_offload`,
+diffusers' group offloading) and layerwise casting put a weight in place only while its own module runs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +38,27 @@ class RotaryWithGrid(tuple):
 
     The transformer's rope module returns this (see `MHLAWanTransformer3DModel`), so the grid reaches
     every attention processor through the ordinary `rotary_emb` argument, gradient checkpointing included.
+    Hooks that move arguments keep the grid: `.to(...)` (which accelerate's `send_to_device`, used by
+    `cpu_offload` and diffusers' group offloading, calls) returns a `RotaryWithGrid`, and copy / pickle
+    rebuild it with its grid. A container that rebuilds it from its two tensors alone gets `grid=None`,
+    which the processor reports.
     """
 
-    grid: tuple[int, int, int]
+    grid: tuple[int, int, int] | None
 
-    def __new__(cls, freqs: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]) -> RotaryWithGrid:
+    def __new__(
+        cls, freqs: Iterable[torch.Tensor], grid: tuple[int, int, int] | None = None
+    ) -> RotaryWithGrid:
         obj = super().__new__(cls, tuple(freqs))
-        obj.grid = tuple(int(g) for g in grid)
+        obj.grid = None if grid is None else tuple(int(g) for g in grid)
         return obj
+
+    def __getnewargs__(self) -> tuple[tuple[torch.Tensor, ...], tuple[int, int, int] | None]:
+        return tuple(self), self.grid
+
+    def to(self, *args: Any, **kwargs: Any) -> RotaryWithGrid:
+        """`Tensor.to(*args, **kwargs)` on both tensors; the grid is kept."""
+        return RotaryWithGrid((t.to(*args, **kwargs) for t in self), self.grid)
 
 
 def apply_wan_rope(
@@ -55,20 +74,51 @@ def apply_wan_rope(
     return out.float()
 
 
-class BlockMixing(nn.Module):
-    """Holds the [M, M] mixing matrix as the weight of a 1x1 conv (key `conv.weight`, [M, M, 1, 1]).
+class MixingWeight(nn.Module):
+    """The [M, M] mixing matrix, stored as `weight` [M, M, 1, 1] (the authors' 1x1-conv layout); calling it returns W.
 
-    Row i is the query block, column j the key block, as in the reference's `conv(kv)` over blocks.
+    Starts as the identity (each block reads only its own state); `MHLAWanTransformer3DModel` re-initialises it.
     """
 
     def __init__(self, num_blocks: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(num_blocks, num_blocks, kernel_size=1, bias=False)
+        self.weight = nn.Parameter(torch.eye(num_blocks)[:, :, None, None])
+
+    def forward(self) -> torch.Tensor:
+        """W [M, M]: row i is the query block, column j the key block."""
+        return self.weight[:, :, 0, 0]
+
+    def extra_repr(self) -> str:
+        return f"num_blocks={self.weight.shape[0]}"
+
+
+class BlockMixing(nn.Module):
+    """Holds the mixing matrix under the key `conv.weight` ([M, M, 1, 1]), as the reference's `conv(kv)` over blocks."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.conv = MixingWeight(num_blocks)
 
     @property
     def matrix(self) -> torch.Tensor:
-        """W [M, M]."""
-        return self.conv.weight[:, :, 0, 0]
+        """W [M, M] (through `conv()`, so that offloading hooks put the weight in place)."""
+        return self.conv()
+
+
+class FP32RMSNorm(nn.RMSNorm):
+    """RMSNorm over the last dim computed in fp32 (input and weight upcast); returns fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps)
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    """Per-head output RMSNorm as the authors': normalise in fp32, round to the input dtype, scale by the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
+        return out if self.weight is None else out * self.weight
 
 
 PRECISIONS = ("reference", "fast")
@@ -104,20 +154,24 @@ class MHLAWanAttnProcessor:
             raise ValueError("MHLA replaces self-attention only: no encoder_hidden_states or attention_mask")
         grid = grid or getattr(rotary_emb, "grid", None)
         if grid is None:
+            got = ("a RotaryWithGrid without its grid (something rebuilt the rotary tuple from its tensors alone)"
+                   if isinstance(rotary_emb, RotaryWithGrid) else f"rotary_emb of type {type(rotary_emb).__name__}")
             raise ValueError(
                 "MHLAWanAttention needs the latent token grid (F, H, W): run it inside MHLAWanTransformer3DModel "
-                "or pass grid=(F, H, W)"
+                f"or pass grid=(F, H, W); got {got}"
             )
         B, N, _ = hidden_states.shape
         if math.prod(grid) != N:
             raise ValueError(f"token grid {tuple(grid)} has {math.prod(grid)} tokens, hidden_states has {N}")
         dtype = hidden_states.dtype
-        nq, nk = attn.norm_q, attn.norm_k
-        q = F.rms_norm(attn.to_q(hidden_states).float(), nq.normalized_shape, nq.weight.float(), nq.eps)
-        k = F.rms_norm(attn.to_k(hidden_states).float(), nk.normalized_shape, nk.weight.float(), nk.eps)
-        q = torch.relu(q) + FEATURE_EPS
-        k = torch.relu(k) + FEATURE_EPS
-        v = attn.to_v(hidden_states).float()
+        if attn.fused_projections:  # after fuse_qkv_projections(): one [3C, C] linear
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        proj_dtype = v.dtype  # the projections' compute dtype (under layerwise casting: not the storage dtype)
+        q = torch.relu(attn.norm_q(q)) + FEATURE_EPS  # FP32RMSNorm: fp32 out
+        k = torch.relu(attn.norm_k(k)) + FEATURE_EPS
+        v = v.float()
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))
         fast = self.precision == "fast"
         if rotary_emb is not None:
@@ -129,16 +183,14 @@ class MHLAWanAttnProcessor:
 
         layout = cached_layout(tuple(grid), tuple(attn.block_layout))
         out = mhla(  # tokens stay in grid order: the op addresses the blocks itself
-            q, k, v, attn.block_attn.matrix.float(),
+            q, k, v, attn.block_attn.conv().float(),
             layout=layout, normalize=False, scale=1.0, backend=self.backend,
         ).to(dtype)  # [B, N, H, D]
 
-        gn = attn.g_norm
-        out = F.rms_norm(out.float(), gn.normalized_shape, eps=gn.eps).to(dtype) * gn.weight
-        out = out.flatten(2, 3)
+        out = attn.g_norm(out).flatten(2, 3)  # HeadRMSNorm
         if attn.g is not None:
             out = out * F.silu(attn.g(hidden_states))
-        out = attn.to_out[0](out.to(attn.to_out[0].weight.dtype))
+        out = attn.to_out[0](out.to(proj_dtype))
         return attn.to_out[1](out)
 
 
@@ -167,10 +219,9 @@ class MHLAWanAttention(WanAttention):
         gated: bool = False,
     ) -> None:
         super().__init__(dim=dim, heads=heads, dim_head=dim_head, eps=eps, processor=MHLAWanAttnProcessor())
+        self.norm_q = FP32RMSNorm(self.inner_dim, eps=eps, elementwise_affine=True)  # same keys as Wan's RMSNorm
+        self.norm_k = FP32RMSNorm(self.inner_dim, eps=eps, elementwise_affine=True)
         self.block_layout = tuple(int(b) for b in block_layout)
         self.g = nn.Linear(dim, self.inner_dim, bias=True) if gated else None
-        self.g_norm = nn.RMSNorm(dim_head, eps=eps, elementwise_affine=True)
+        self.g_norm = HeadRMSNorm(dim_head, eps=eps, elementwise_affine=True)
         self.block_attn = BlockMixing(math.prod(self.block_layout))
-
-    def fuse_projections(self) -> None:  # the MHLA processor reads to_q/to_k/to_v separately
-        raise NotImplementedError("MHLAWanAttention does not fuse its projections")

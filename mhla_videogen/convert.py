@@ -19,7 +19,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
-from mhla_videogen.model import MIXING_INITS, MHLAWanTransformer3DModel, resolve_layers
+from mhla_videogen.model import MIXING_INITS, ConversionError, MHLAWanTransformer3DModel, resolve_layers
 
 DEFAULT_BLOCK_LAYOUT = (3, 5, 10)
 _MHLA_KEY = re.compile(r"^blocks\.(\d+)\.attn1\.(g\.weight|g\.bias|g_norm\.weight|block_attn\.conv\.weight)$")
@@ -28,10 +28,6 @@ _WAN_CONFIG_KEYS = (
     "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",
     "rope_max_seq_len", "pos_embed_seq_len",
 )
-
-
-class ConversionError(ValueError):
-    """A state dict that does not map completely onto the target model (nothing is loaded)."""
 
 
 def wan_config(config: Mapping) -> dict:

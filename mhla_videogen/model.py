@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 from diffusers.configuration_utils import register_to_config
+
+# `ModelMixin` must be a name of this module: a pipeline saved with this transformer records it in model_index.json
+# as ["mhla_videogen.model", "MHLAWanTransformer3DModel"], and diffusers' pipeline loader looks the loading base
+# classes (`ModelMixin`, ...) up in that module to find how to load the component.
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from torch import nn
 
 from mhla_core import BlockLayout, block_distance_mixing
 from mhla_videogen.attention import MHLAWanAttention, MHLAWanAttnProcessor, RotaryWithGrid
 
+__all__ = ["ConversionError", "MHLAWanTransformer3DModel", "ModelMixin", "resolve_layers"]
+
 MIXING_INITS = ("distance", "reference")
 REFERENCE_INIT = 1e-6  # the authors' effective start of g, g_norm and the mixing matrix (a positional slip)
-MHLA_PARAM_SUFFIXES = ("attn1.g.weight", "attn1.g.bias", "attn1.g_norm.weight", "attn1.block_attn.conv.weight")
+MHLA_PARAMS = ("g.weight", "g.bias", "g_norm.weight", "block_attn.conv.weight")  # under blocks.{i}.attn1.
+MHLA_PARAM_SUFFIXES = tuple(f"attn1.{name}" for name in MHLA_PARAMS)
+
+
+class ConversionError(ValueError):
+    """A state dict that does not map completely onto the target model (nothing is loaded)."""
 
 
 def resolve_layers(spec: str | list[int] | tuple[int, ...] | None, num_layers: int) -> list[int]:
@@ -103,19 +119,77 @@ class MHLAWanTransformer3DModel(WanTransformer3DModel):
         """(Re-)initialise only the MHLA-specific parameters (`g`, `g_norm`, `block_attn.conv`)."""
         if mixing_init not in MIXING_INITS:
             raise ValueError(f"mixing_init must be one of {MIXING_INITS}, got {mixing_init!r}")
-        blocks = tuple(self.config.block_layout)
+        # "distance" keeps g's nn.Linear init from construction
+        names = set(MHLA_PARAMS) if mixing_init == "reference" else {"g_norm.weight", "block_attn.conv.weight"}
         for attn in self.mhla_attentions.values():
+            self._init_mhla_attention(attn, names, mixing_init)
+
+    @torch.no_grad()
+    def _init_mhla_attention(self, attn: MHLAWanAttention, names: set[str], mixing_init: str) -> None:
+        """Initialise the parameters `names` (a subset of `MHLA_PARAMS`) of one MHLA attention."""
+        if "block_attn.conv.weight" in names:
             w = attn.block_attn.conv.weight
             if mixing_init == "distance":
-                mix = block_distance_mixing(BlockLayout(blocks, blocks), "linear")
-                w.copy_(mix.to(w.dtype)[:, :, None, None])
-                attn.g_norm.weight.fill_(1.0)
+                blocks = tuple(self.config.block_layout)
+                w.copy_(block_distance_mixing(BlockLayout(blocks, blocks), "linear").to(w.dtype)[:, :, None, None])
             else:
                 w.fill_(REFERENCE_INIT)
-                attn.g_norm.weight.fill_(REFERENCE_INIT)
-                if attn.g is not None:
-                    attn.g.weight.fill_(REFERENCE_INIT)
-                    attn.g.bias.zero_()
+        if "g_norm.weight" in names:
+            attn.g_norm.weight.fill_(1.0 if mixing_init == "distance" else REFERENCE_INIT)
+        if attn.g is not None and names & {"g.weight", "g.bias"}:
+            if mixing_init == "distance":
+                attn.g.reset_parameters()  # nn.Linear's default init, which needs weight and bias together
+            else:
+                attn.g.weight.fill_(REFERENCE_INIT)
+                attn.g.bias.zero_()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs: Any
+    ) -> MHLAWanTransformer3DModel | tuple[MHLAWanTransformer3DModel, dict[str, list]]:
+        """`ModelMixin.from_pretrained`, plus: MHLA parameters that the checkpoint lacks are initialised.
+
+        So `from_pretrained(<softmax Wan folder>, mhla_layers="hybrid")` (or an MHLA folder with more
+        `mhla_layers=` than it was saved with) reuses every stored weight and starts `g`, `g_norm` and
+        `block_attn.conv` of the new MHLA layers from the config's `mixing_init`, as `convert.from_wan` does.
+        (diffusers itself would leave them on `meta`.) A layer whose checkpoint holds only one of `g.weight`
+        and `g.bias` is refused (`ConversionError`). They stay listed in `output_loading_info`'s missing keys.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ())) & model.mhla_state_keys()
+        if missing:
+            model._init_missing_mhla(missing)
+        return (model, info) if output_loading_info else model
+
+    @torch.no_grad()
+    def _init_missing_mhla(self, missing: set[str]) -> None:
+        """Put the MHLA parameters `missing` (state-dict keys) on their layer's device and dtype; initialise them."""
+        for i, attn in self.mhla_attentions.items():
+            prefix = f"blocks.{i}.attn1."
+            names = {k[len(prefix):] for k in missing if k.startswith(prefix)}
+            if not names:
+                continue
+            if attn.g is not None and len(names & {"g.weight", "g.bias"}) == 1:
+                have = ({"g.weight", "g.bias"} - names).pop()
+                raise ConversionError(f"the checkpoint has {prefix}{have} but not {prefix}{(names - {have}).pop()}: "
+                                      "refusing to initialise half of the gate")
+            ref = attn.to_out[0].weight
+            if ref.device.type == "meta":
+                raise ConversionError(
+                    f"cannot initialise {sorted(prefix + n for n in names)}: the layer's own weights are on 'meta' "
+                    "(offloaded by device_map?); load without device_map, or build the model with "
+                    "mhla_videogen.convert.from_wan(<softmax Wan folder>, layers=...) and move it afterwards"
+                )
+            for name in names:
+                module_name, _, param_name = name.rpartition(".")
+                module = attn.get_submodule(module_name)
+                param = getattr(module, param_name)
+                if param.device.type == "meta":
+                    setattr(module, param_name, nn.Parameter(torch.empty(param.shape, device=ref.device,
+                                                                         dtype=ref.dtype),
+                                                             requires_grad=param.requires_grad))
+            self._init_mhla_attention(attn, names, self.config.mixing_init)
 
     def set_mhla_precision(self, precision: str) -> None:
         """Numerics of every MHLA processor: "reference" (default) or "fast" (see `MHLAWanAttnProcessor`)."""
