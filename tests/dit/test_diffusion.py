@@ -82,7 +82,7 @@ def test_hybrid_loss_is_mse_plus_vb_and_vb_only_trains_the_variance():
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
     out = d.training_losses(model, x0, t, y, noise)
-    pred = model(d.scheduler.add_noise(x0, noise, t), t, y)
+    pred = model(d.scheduler.add_noise(x0, noise, t), t, y).sample
     assert torch.allclose(out["mse"], ((pred[:, :4] - noise) ** 2).mean((1, 2, 3)), atol=1e-6)
     assert torch.allclose(out["loss"], out["mse"] + out["vb"])
     eps = pred[:, :4].detach().requires_grad_()
