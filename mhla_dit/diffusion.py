@@ -151,7 +151,8 @@ def _for_noise_only(scheduler: SchedulerMixin) -> SchedulerMixin:
     """A scheduler that is handed noise channels only. DPM-Solver-style schedulers built from our DDPM config
     inherit variance_type="learned_range", which makes them keep the first 3 channels of the prediction
     (diffusers assumes RGB); with the variance already split off, the same scheduler without it is exact."""
-    if uses_learned_variance(scheduler) or scheduler.config.get("variance_type") not in LEARNED_VARIANCE:
+    takes_it = "variance_type" in inspect.signature(type(scheduler).__init__).parameters  # not a hidden key
+    if uses_learned_variance(scheduler) or not takes_it or scheduler.config.variance_type not in LEARNED_VARIANCE:
         return scheduler
     return type(scheduler).from_config(scheduler.config, variance_type=None)
 
