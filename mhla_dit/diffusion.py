@@ -147,7 +147,7 @@ def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
             and scheduler.config.variance_type in LEARNED_VARIANCE)
 
 
-def _for_noise_only(scheduler: SchedulerMixin) -> SchedulerMixin:
+def noise_only_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
     """A scheduler that is handed noise channels only. DPM-Solver-style schedulers built from our DDPM config
     inherit variance_type="learned_range", which makes them keep the first 3 channels of the prediction
     (diffusers assumes RGB); with the variance already split off, the same scheduler without it is exact."""
@@ -175,7 +175,7 @@ def sample(model: torch.nn.Module, y: torch.Tensor, shape: tuple[int, ...], *, n
     if classes is not None and y.numel() and not bool(((y >= 0) & (y <= classes)).all()):
         raise ValueError(f"y holds labels outside 0 .. {classes} (the classes and the null class {classes}), "
                          f"got min {int(y.min())}, max {int(y.max())}")
-    scheduler = _for_noise_only(scheduler or create_scheduler())
+    scheduler = noise_only_scheduler(scheduler or create_scheduler())
     learned = uses_learned_variance(scheduler)
     scheduler.set_timesteps(num_steps)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
