@@ -49,7 +49,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def model_sample(out: torch.Tensor | tuple | object) -> torch.Tensor:
+def prediction(out: torch.Tensor | tuple | object) -> torch.Tensor:
     """The prediction in a model's output: a tensor, a `(sample,)` tuple or an output with `.sample`."""
     if isinstance(out, torch.Tensor):
         return out
@@ -109,7 +109,7 @@ class Diffusion:
         (a tensor, or the DiT's output with `.sample`)."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.scheduler.add_noise(x0, noise, t)
-        out = model_sample(model(xt, t, y)).float()
+        out = prediction(model(xt, t, y)).float()
         C = x0.shape[1]
         if out.shape[1] != 2 * C:
             raise ValueError(f"the hybrid loss needs a learned-sigma model with {2 * C} output channels, "

@@ -333,7 +333,7 @@ class DiT(ModelMixin, ConfigMixin):
         The guided noise prediction (all C channels) replaces both halves; the variance channels pass through.
         """
         half = x[: len(x) // 2]
-        out = self(torch.cat([half, half]), t, y, return_dict=False)[0]  # through __call__: a compiled forward
+        out = self(torch.cat([half, half]), t, y, return_dict=False)[0]  # __call__: a compiled forward applies
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond, uncond = eps.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)

@@ -65,6 +65,13 @@ def test_save_pretrained_round_trip(attention, tmp_path):
     a, b = model.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(model(*_inputs()).sample, loaded(*_inputs()).sample)
+    if attention == "mhla":  # the loaded layers still project their mixing after every optimiser step
+        opt = torch.optim.SGD(loaded.parameters(), lr=1.0)
+        loaded(*_inputs()).sample.square().mean().backward()
+        with torch.no_grad():
+            loaded.blocks[0].attn.mixing.fill_(2.0)
+        opt.step()
+        assert loaded.blocks[0].attn.mixing.max() <= 1
 
 
 @pytest.mark.parametrize("attention", ["mhla", "softmax_mhla_block"])
