@@ -72,7 +72,7 @@ def model_metadata(name: str, kwargs: dict[str, Any], data: dict[str, Any] | Non
     """safetensors metadata that rebuilds the model (`load_model`) and names the latent store's VAE."""
     meta = {"model": name, "model_kwargs": json.dumps(kwargs)}
     if data:
-        meta["data"] = json.dumps({k: data[k] for k in ("vae", "scale", "shape", "num_classes") if k in data})
+        meta["data"] = json.dumps({k: data[k] for k in ("vae", "scale", "shift", "shape", "num_classes") if k in data})
     return meta
 
 
@@ -86,9 +86,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **overrides) -> tuple[DiT, dict]:
-    """Build the model recorded in a training checkpoint's metadata and load its weights (eval mode)."""
+    """Build the model recorded in a training checkpoint's metadata and load its weights (eval mode).
+
+    `path` may also be a `save_pretrained` folder (meta {}) or a DiTPipeline folder (its `transformer/`; meta
+    names its `vae/`, whose config gives the latent scale and shift)."""
     from safetensors.torch import load_file
 
+    path = Path(path)
+    if path.is_dir():
+        pipeline = (path / "transformer" / "config.json").is_file()
+        if not pipeline and not (path / "config.json").is_file():
+            raise ValueError(f"{path} is neither a save_pretrained folder (config.json) nor a pipeline (transformer/)")
+        model = DiT.from_pretrained(path, subfolder="transformer" if pipeline else None, **overrides)
+        meta = {"data": {"vae": str(path / "vae")}} if pipeline and (path / "vae").is_dir() else {}
+        return model.to(device).eval(), meta
     meta = read_metadata(path)
     if "model" not in meta:
         raise ValueError(f"{path} has no model metadata; build the model with create_model and use init_from")

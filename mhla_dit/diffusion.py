@@ -6,15 +6,18 @@ q(x_{t-1} | x_t, x_0) and the model's Gaussian p(x_{t-1} | x_t) for t > 0 and th
 decoder NLL of x_0 for t = 0 (both in bits per dimension), computed with the predicted noise detached so
 that L_vb trains only the variance. Noising and sampling use `diffusers.DDPMScheduler`; respaced
 sampling (e.g. 250 of 1000 steps, "leading" spacing 0, 4, ..., 996) matches ADM/DiT's respacing.
+`sample` also runs any other diffusers scheduler (DDIM, DPM-Solver, Euler, ...; `make_scheduler`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 def create_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -44,6 +47,13 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def prediction(out: torch.Tensor | tuple | object) -> torch.Tensor:
+    """The prediction in a model's output: a tensor, a `(sample,)` tuple or an output with `.sample`."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0] if isinstance(out, tuple) else out.sample
 
 
 class Diffusion:
@@ -95,10 +105,11 @@ class Diffusion:
 
     def training_losses(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
                         y: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-sample {"loss", "mse", "vb"} of the hybrid objective for `model(x_t, t, y)` -> [B, 2C, H, W]."""
+        """Per-sample {"loss", "mse", "vb"} of the hybrid objective for `model(x_t, t, y)` -> [B, 2C, H, W]
+        (a tensor, or the DiT's output with `.sample`)."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.scheduler.add_noise(x0, noise, t)
-        out = model(xt, t, y).float()
+        out = prediction(model(xt, t, y)).float()
         C = x0.shape[1]
         if out.shape[1] != 2 * C:
             raise ValueError(f"the hybrid loss needs a learned-sigma model with {2 * C} output channels, "
@@ -109,12 +120,53 @@ class Diffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
+LEARNED_VARIANCE = ("learned", "learned_range")
+SCHEDULERS = ("ddpm", "ddim", "dpm", "euler")
+
+
+def make_scheduler(name: str = "ddpm", num_train_timesteps: int = 1000) -> SchedulerMixin:
+    """A sampler on DiT's training schedule: "ddpm" (ancestral, learned-range variance), "ddim", "dpm"
+    (DPMSolverMultistepScheduler) or "euler" (EulerDiscreteScheduler), each with diffusers' defaults otherwise."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
+    ddpm = create_scheduler(num_train_timesteps)
+    if name == "ddpm":
+        return ddpm
+    cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}[name]
+    return cls.from_config(ddpm.config, **({"variance_type": None} if name == "dpm" else {}))
+
+
+def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler.step` reads the variance channels of a learned-sigma prediction (DDPM with a
+    learned variance type); every other scheduler takes the C noise channels only."""
+    from diffusers import DDPMParallelScheduler
+
+    return (isinstance(scheduler, (DDPMScheduler, DDPMParallelScheduler))
+            and scheduler.config.variance_type in LEARNED_VARIANCE)
+
+
+def noise_only_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A scheduler that is handed noise channels only. DPM-Solver-style schedulers built from our DDPM config
+    inherit variance_type="learned_range", which makes them keep the first 3 channels of the prediction
+    (diffusers assumes RGB); with the variance already split off, the same scheduler without it is exact."""
+    takes_it = "variance_type" in inspect.signature(type(scheduler).__init__).parameters  # not a hidden key
+    if uses_learned_variance(scheduler) or not takes_it or scheduler.config.variance_type not in LEARNED_VARIANCE:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, variance_type=None)
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, y: torch.Tensor, shape: tuple[int, ...], *, num_steps: int = 250,
-           cfg_scale: float = 1.0, scheduler: DDPMScheduler | None = None, generator: torch.Generator | None = None,
+           cfg_scale: float = 1.0, scheduler: SchedulerMixin | None = None, generator: torch.Generator | None = None,
            autocast_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
-    """Ancestral DDPM sampling of latents [B, *shape] for labels y [B] with classifier-free guidance.
+    """Latents [B, *shape] for labels y [B] with classifier-free guidance, with any diffusers scheduler.
 
+    Default: DiT's ancestral DDPM sampler (`create_scheduler`, learned-range variance). As in `DiTPipeline`,
+    the learned-sigma channels are split off before the step for every scheduler that does not use them
+    (all but DDPM with a learned variance type); the initial noise is scaled by the scheduler's
+    `init_noise_sigma` and the model input by `scale_model_input` (Euler-type schedulers need both).
     The null class is `model.num_classes`; with cfg_scale > 1 the batch is doubled (conditional, null).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -123,10 +175,12 @@ def sample(model: torch.nn.Module, y: torch.Tensor, shape: tuple[int, ...], *, n
     if classes is not None and y.numel() and not bool(((y >= 0) & (y <= classes)).all()):
         raise ValueError(f"y holds labels outside 0 .. {classes} (the classes and the null class {classes}), "
                          f"got min {int(y.min())}, max {int(y.max())}")
-    scheduler = scheduler or create_scheduler()
+    scheduler = noise_only_scheduler(scheduler or create_scheduler())
+    learned = uses_learned_variance(scheduler)
     scheduler.set_timesteps(num_steps)
-    device, n = y.device, y.shape[0]
-    z = torch.randn((n, *shape), generator=generator, device=device)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    device, n, C = y.device, y.shape[0], shape[0]
+    z = torch.randn((n, *shape), generator=generator, device=device) * scheduler.init_noise_sigma
     guided = cfg_scale > 1.0
     if guided:
         z = torch.cat([z, z])
@@ -138,8 +192,14 @@ def sample(model: torch.nn.Module, y: torch.Tensor, shape: tuple[int, ...], *, n
         steps = tqdm(steps, desc="sampling", leave=False)
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for t in steps:
-        tt = torch.full((z.shape[0],), int(t), device=device, dtype=torch.long)
+        tt = torch.as_tensor(t, device=device).expand(z.shape[0])
+        zin = scheduler.scale_model_input(z, t)
         with amp:
-            out = model.forward_with_cfg(z, tt, y, cfg_scale) if guided else model(z, tt, y)
-        z = scheduler.step(out.float(), int(t), z, generator=generator).prev_sample
+            out = model.forward_with_cfg(zin, tt, y, cfg_scale) if guided else model(zin, tt, y, return_dict=False)[0]
+        if learned and out.shape[1] != 2 * C:
+            raise ValueError(f"scheduler variance_type {scheduler.config.variance_type!r} needs a learned-sigma "
+                             f"model ({2 * C} output channels), got {out.shape[1]}; use variance_type='fixed_small'")
+        if not learned and out.shape[1] == 2 * C:
+            out = out[:, :C]
+        z = scheduler.step(out.float(), t, z, **step_kwargs).prev_sample
     return z[:n]

@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 -m mhla_dit.extract_features ...      # shards are split across processes
 
 Images are centre-cropped as in ADM/DiT, scaled to [-1, 1] and encoded together with their horizontal
-flip; latents are sampled from the posterior (seeded per shard) and multiplied by `--scale` (0.18215).
+flip; latents are sampled from the posterior (seeded per shard) and stored as (z - shift) * scale with the
+VAE's own `scaling_factor` and `shift_factor` (0.18215 and none for the SD VAEs; `--scale` / `--shift`
+override them); both are recorded in meta.json, and the sampler decodes with z / scale + shift.
 Finished shards are skipped on a rerun, so an interrupted extraction resumes where it stopped.
 `--vae` is a local folder or a hub id (a hub id downloads on first use).
 """
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", required=True, help="latent store folder")
     a("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL folder or hub id")
     a("--image-size", type=int, default=256)
-    a("--scale", type=float, default=SD_VAE_SCALE, help="latent multiplier")
+    a("--scale", type=float, default=None, help="latent multiplier (default: the VAE's scaling_factor)")
+    a("--shift", type=float, default=None, help="subtracted before scaling (default: the VAE's shift_factor, else 0)")
     a("--no-flip", action="store_true", help="store only the image, not its horizontal flip")
     a("--mode", choices=["sample", "mean"], default="sample", help="posterior sample (DiT) or mean")
     a("--shard-size", type=int, default=10000, help="images per shard")
@@ -70,10 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_meta(out: Path, meta: dict) -> None:
     if (out / "meta.json").is_file():
         old = read_meta(out)
-        keys = ("num_images", "shard_size", "image_size", "vae", "scale", "views", "mode", "seed", "dtype")
+        keys = ("num_images", "shard_size", "image_size", "vae", "scale", "shift", "views", "mode", "seed", "dtype")
+        old.setdefault("shift", 0.0)  # stores written before the shift was recorded had none
         diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k) != meta[k]}
         if diff:
             raise ValueError(f"{out} holds a store made with other settings {diff}; use another --out")
+
+
+def latent_scaling(vae, scale: float | None = None, shift: float | None = None) -> tuple[float, float]:
+    """(scale, shift) of the latents: the given values, else the VAE config's `scaling_factor` (0.18215 when it
+    has none) and `shift_factor` (0 when it has none); latents are (z - shift) * scale."""
+    cfg = getattr(vae, "config", {})
+    scale = scale if scale is not None else getattr(cfg, "scaling_factor", None) or SD_VAE_SCALE
+    shift = shift if shift is not None else getattr(cfg, "shift_factor", None) or 0.0
+    return float(scale), float(shift)
 
 
 def _vae_id(vae: str) -> str:
@@ -98,11 +111,12 @@ def run(args: argparse.Namespace) -> Path:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.image_size % factor:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling {factor}")
+    scale, shift = latent_scaling(vae, args.scale, args.shift)
     views = 1 if args.no_flip else 2
     num_shards = math.ceil(len(dataset) / args.shard_size)
     meta = dict(num_images=len(dataset), num_shards=num_shards, shard_size=args.shard_size, image_size=args.image_size,
                 shape=[vae.config.latent_channels, args.image_size // factor, args.image_size // factor], views=views,
-                scale=args.scale, vae=_vae_id(args.vae), mode=args.mode, seed=args.seed, dtype=args.dtype,
+                scale=scale, shift=shift, vae=_vae_id(args.vae), mode=args.mode, seed=args.seed, dtype=args.dtype,
                 num_classes=len(dataset.classes), classes=dataset.classes)
     _check_meta(out, meta)
     if rank == 0:
@@ -121,7 +135,7 @@ def run(args: argparse.Namespace) -> Path:
             images = images.to(device)
             batch = torch.cat([images, images.flip(-1)]) if views == 2 else images
             dist = vae.encode(batch).latent_dist
-            z = (dist.sample(generator=gen) if args.mode == "sample" else dist.mode()) * args.scale
+            z = ((dist.sample(generator=gen) if args.mode == "sample" else dist.mode()) - shift) * scale
             z = torch.stack(z.chunk(views), dim=1)  # [n, views, C, h, w]
             xs.append(z.to("cpu", getattr(torch, args.dtype)).numpy())
             ys.append(labels.numpy())

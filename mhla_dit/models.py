@@ -3,7 +3,13 @@
     from mhla_dit.models import create_model
     model = create_model("DiT-S/2")                                   # MHLA, 16-token blocks, latent 32
     model = create_model("DiT-S/2", attention="softmax")              # standard DiT (same key names)
+    model = create_model("DiT-S/2", attention="softmax_mhla_block")   # SDPA inside the MHLA block (baseline)
     model = create_model("DiT-XL/2", input_size=64, block_size=64, normalizer="exact")
+
+The model is a diffusers `ModelMixin` / `ConfigMixin`: `save_pretrained` / `DiT.from_pretrained`,
+`enable_gradient_checkpointing()`, and `forward(hidden_states, timestep, class_labels)` returning
+`Transformer2DModelOutput(sample=...)` (a tuple with `return_dict=False`), so it drops into diffusers'
+`DiTPipeline` (`config.sample_size`, `config.in_channels`, `config.out_channels` are what it reads).
 
 Learned sigma (2C output channels), adaLN-Zero blocks, a frozen 2-D sin-cos position embedding and
 class dropout with a null class (index `num_classes`), as in DiT. The MHLA attention is the authors'
@@ -14,6 +20,10 @@ number of tokens per block (a perfect square); a grid of at most one block per a
 Tokens stay in row-major order: the MHLA layer permutes into blocks internally.
 Parameter names follow facebookresearch DiT, so its checkpoints load into the softmax model as they
 are (and into the MHLA model, which adds `attn.norm`, `attn.lepe` and `attn.mixing`; see `init_from`).
+`softmax_mhla_block` is the same-block softmax baseline: the MHLA attention module with its linear
+attention (feature map, blocks, mixing) replaced by softmax SDPA; everything else (the affine LayerNorm,
+qkv bias, qk-norm when set, LePE, output dropout) and every parameter name but `attn.mixing` is the
+MHLA DiT's, and under the same seed so is every shared initial value.
 """
 
 from __future__ import annotations
@@ -24,11 +34,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, PatchEmbed
 
 from mhla_core import MHLA
 
-ATTENTIONS = ("mhla", "softmax", "linear")
+ATTENTIONS = ("mhla", "softmax", "linear", "softmax_mhla_block")
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}  # depth, width, heads
 DiT_models = {f"DiT-{s}/{p}": dict(depth=d, hidden_size=w, num_heads=h, patch_size=p)
               for s, (d, w, h) in SIZES.items() for p in (2, 4, 8)}
@@ -99,6 +112,44 @@ class MHLAAttention(MHLA):
         return super().forward(self.norm(x), grid)
 
 
+class SoftmaxMHLABlockAttention(nn.Module):
+    """Softmax (SDPA) attention inside the MHLA DiT attention module: same sub-modules and names as
+    `MHLAAttention` (norm, qkv, q_norm / k_norm, lepe, proj, proj_drop), no blocks and no mixing.
+
+    Sub-modules are built in `MHLAAttention`'s order, so a model built under the same seed draws the same
+    initial values for them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False,
+                 lepe_kernel: int | None = 3, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if lepe_kernel is not None and (not isinstance(lepe_kernel, int) or lepe_kernel < 1 or lepe_kernel % 2 == 0):
+            raise ValueError(f"lepe_kernel must be an odd int >= 1 (a same-size convolution) or None, "
+                             f"got {lepe_kernel!r}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
+        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """x: [B, N, C] tokens in row-major order of `grid` -> [B, N, C]."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        heads = (B, N, self.num_heads, C // self.num_heads)
+        o = F.scaled_dot_product_attention(*(a.reshape(heads).transpose(1, 2) for a in (q, k, v)))
+        o = o.transpose(1, 2).reshape(B, N, C)
+        if self.lepe is not None:
+            o = o + self.lepe(v.transpose(1, 2).reshape(B, C, *grid)).reshape(B, C, N).transpose(1, 2)
+        return self.proj_drop(self.proj(o))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: attention and MLP, each behind a modulated LayerNorm and a gate."""
 
@@ -140,20 +191,28 @@ def blocks_per_axis(side: int, block_size: int) -> int:
     return max(1, math.ceil(side / edge))
 
 
-class DiT(nn.Module):
-    """Diffusion transformer over a latent (or pixel) grid; `forward(x, t, y)` -> [B, 2C or C, H, W].
+class DiT(ModelMixin, ConfigMixin):
+    """Diffusion transformer over a latent (or pixel) grid; `forward(x, t, y).sample` -> [B, 2C or C, H, W].
 
     Args:
         input_size, patch_size, in_channels: the latent grid (side, patch, channels).
+        sample_size, out_channels: diffusers' names, derived (input_size; C or 2C) and kept in the config
+            for `DiTPipeline`; when given they must agree with input_size / in_channels / learn_sigma.
         hidden_size, depth, num_heads, mlp_ratio: the transformer.
         class_dropout_prob, num_classes: label conditioning (null class = num_classes).
         learn_sigma: predict the variance interpolation too (2C output channels).
-        attention: "mhla", "softmax" or "linear" (MHLA with one block, M = 1).
+        attention: "mhla", "softmax" (DiT's attention), "linear" (MHLA with one block, M = 1) or
+            "softmax_mhla_block" (SDPA inside the MHLA attention module: the same-block baseline).
         block_size: MHLA tokens per block (a perfect square; the grid is padded where it does not divide).
         normalizer, transform, lepe_kernel, mixing_constraint, proj_drop, qkv_bias, qk_norm, backend:
-            MHLA settings (proj_drop: the MHLA output dropout; the softmax attention has none, as DiT).
+            MHLA settings (proj_drop: the MHLA output dropout; the softmax attention has none, as DiT);
+            softmax_mhla_block uses qkv_bias, qk_norm, lepe_kernel and proj_drop as MHLA does.
     """
 
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
     def __init__(
         self,
         input_size: int = 32,
@@ -176,13 +235,23 @@ class DiT(nn.Module):
         qkv_bias: bool = True,
         qk_norm: bool = False,
         backend: str = "auto",
+        sample_size: int | None = None,
+        out_channels: int | None = None,
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
-        self.in_channels, self.out_channels = in_channels, in_channels * (2 if learn_sigma else 1)
+        if sample_size is not None and sample_size != input_size:
+            raise ValueError(f"sample_size {sample_size} must equal input_size {input_size} (or be left out)")
+        out = in_channels * (2 if learn_sigma else 1)
+        if out_channels is not None and out_channels != out:
+            raise ValueError(f"out_channels {out_channels} must be {out} (in_channels {in_channels}, learn_sigma "
+                             f"{learn_sigma}) or be left out")
+        self.register_to_config(sample_size=input_size, out_channels=out)  # what DiTPipeline reads
+        self.gradient_checkpointing = False
+        self.in_channels, self.out_channels = in_channels, out
         self.patch_size, self.num_classes, self.attention = patch_size, num_classes, attention
         side = input_size // patch_size
         self.grid = (side, side)
@@ -191,6 +260,9 @@ class DiT(nn.Module):
         def attn() -> nn.Module:
             if attention == "softmax":
                 return SoftmaxAttention(hidden_size, num_heads, qkv_bias=qkv_bias)
+            if attention == "softmax_mhla_block":
+                return SoftmaxMHLABlockAttention(hidden_size, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                                                 lepe_kernel=lepe_kernel, proj_drop=proj_drop)
             return MHLAAttention(hidden_size, num_heads, grid=self.grid, blocks=(blocks, blocks), transform=transform,
                                  normalizer=normalizer, lepe_kernel=lepe_kernel, mixing_constraint=mixing_constraint,
                                  proj_drop=proj_drop, qkv_bias=qkv_bias, qk_norm=qk_norm, backend=backend)
@@ -234,13 +306,26 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] latents, t: [B] timesteps, y: [B] labels -> [B, out_channels, H, W]."""
-        x = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor,
+                return_dict: bool = True) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """hidden_states: [B, C, H, W] latents, timestep: [B] (or one for all), class_labels: [B] (the null
+        class is `num_classes`) -> `Transformer2DModelOutput(sample=[B, out_channels, H, W])`, or `(sample,)`
+        with `return_dict=False`. Blocks are recomputed in the backward pass after
+        `enable_gradient_checkpointing()`."""
+        if class_labels is None:
+            raise ValueError("class_labels is required: [B] class indices (the null class is num_classes)")
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.dim() == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        x = self.x_embedder(hidden_states) + self.pos_embed
+        c = self.t_embedder(timestep) + self.y_embedder(class_labels, self.training)
         for block in self.blocks:
-            x = block(x, c, self.grid)
-        return self.unpatchify(self.final_layer(x, c))
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, self.grid)
+            else:
+                x = block(x, c, self.grid)
+        out = self.unpatchify(self.final_layer(x, c))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guidance: the batch is [conditional half, null-label half] of the same latents.
@@ -248,7 +333,7 @@ class DiT(nn.Module):
         The guided noise prediction (all C channels) replaces both halves; the variance channels pass through.
         """
         half = x[: len(x) // 2]
-        out = self(torch.cat([half, half]), t, y)  # through __call__: a compiled forward applies
+        out = self(torch.cat([half, half]), t, y, return_dict=False)[0]  # __call__: a compiled forward applies
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond, uncond = eps.chunk(2)
         guided = uncond + cfg_scale * (cond - uncond)

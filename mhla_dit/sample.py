@@ -3,11 +3,13 @@
     python -m mhla_dit.sample --ckpt runs/x/last_ema.safetensors --out sample.png        # cfg 4.0, 8 classes
     torchrun --nproc_per_node=8 -m mhla_dit.sample --ckpt ... --num-samples 50000 --npz samples.npz --cfg-scale 1.5
 
-The model is rebuilt from the checkpoint's metadata; `--vae` (default: the VAE named by the training
-store) decodes latents x (1 / scale); `--vae none` treats the model's output as pixels in [-1, 1]
-(1-channel outputs become grey RGB). The .npz holds uint8 NHWC images under "arr_0", as the ADM
-evaluator reads them. In npz mode every process writes finished batches to `<npz>.parts/` (so an
-interrupted run resumes), then rank 0 assembles the first N images in order.
+The model is rebuilt from the checkpoint's metadata (or loaded from a `save_pretrained` / DiTPipeline
+folder); `--vae` (default: the VAE named by the training store) decodes z / scale + shift, with the
+store's scale and shift (default: the VAE's `scaling_factor` / `shift_factor`); `--vae none` treats the
+model's output as pixels in [-1, 1] (1-channel outputs become grey RGB). `--scheduler` picks the sampler
+(DDPM, DiT's default, or DDIM / DPM-Solver / Euler on the same training schedule). The .npz holds uint8
+NHWC images under "arr_0", as the ADM evaluator reads them. In npz mode every process writes finished
+batches to `<npz>.parts/` (so an interrupted run resumes), then rank 0 assembles the first N images in order.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from mhla_core.compile import add_compile_args, compile_model, compile_settings
 from mhla_core.training.args import nonnegative_int, positive_int
 from mhla_dit.checkpoints import load_model
 from mhla_dit.data import save_npy
-from mhla_dit.diffusion import sample
+from mhla_dit.diffusion import SCHEDULERS, make_scheduler, sample
 
 DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py classes
 
@@ -41,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--ckpt", required=True, help="a training checkpoint (.safetensors with model metadata)")
     a("--vae", default=None, help="AutoencoderKL folder or hub id; 'none' for pixel models (default: the store's)")
-    a("--scale", type=float, default=None, help="latent scale (default: the store's, else 0.18215)")
+    a("--scale", type=float, default=None, help="latent scale (default: the store's, else the VAE's scaling_factor)")
+    a("--shift", type=float, default=None, help="latent shift (default: the store's, else the VAE's shift_factor)")
+    a("--scheduler", default="ddpm", choices=SCHEDULERS, help="sampler (ddpm: DiT's, with the learned variance)")
     a("--cfg-scale", type=float, default=None, help="guidance (default 4.0 for a grid, 1.5 for --npz)")
     a("--num-sampling-steps", type=positive_int, default=250)
     a("--seed", type=int, default=0)
@@ -60,18 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Decoder:
-    """Latents -> uint8 NHWC images through a diffusers AutoencoderKL, or pixels in [-1, 1] without one."""
+    """Latents -> uint8 NHWC images through a diffusers AutoencoderKL (decoding z / scale + shift; None: the
+    VAE config's `scaling_factor` / `shift_factor`), or pixels in [-1, 1] without one (`vae` None or "none")."""
 
-    def __init__(self, vae: str | None, scale: float, device: torch.device) -> None:
-        self.vae, self.scale = None, scale
+    def __init__(self, vae: str | None, scale: float | None, device: torch.device, shift: float | None = None) -> None:
+        self.vae, self.scale, self.shift = None, scale, shift
         if vae and vae.lower() != "none":
             from diffusers import AutoencoderKL
 
+            from mhla_dit.extract_features import latent_scaling
+
             self.vae = AutoencoderKL.from_pretrained(vae).to(device).eval()
+            self.scale, self.shift = latent_scaling(self.vae, scale, shift)
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> np.ndarray:
-        x = self.vae.decode(z / self.scale).sample if self.vae is not None else z
+        x = self.vae.decode(z / self.scale + self.shift).sample if self.vae is not None else z
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", torch.uint8).numpy()
@@ -103,10 +111,20 @@ def _setup(args: argparse.Namespace):
     model, meta = load_model(args.ckpt, device)
     compile_model(model, *compile_settings(args))
     data = meta.get("data", {})
-    vae = args.vae if args.vae is not None else data.get("vae")
-    scale = args.scale if args.scale is not None else data.get("scale", 0.18215)
+    vae, scale, shift = latent_settings(data, args.vae, args.scale, args.shift)
     amp = getattr(torch, args.amp_dtype) if device.type == "cuda" and args.amp_dtype != "none" else None
-    return rank, world, device, model, Decoder(vae, scale, device), amp
+    return rank, world, device, model, Decoder(vae, scale, device, shift), amp
+
+
+def latent_settings(data: dict, vae: str | None = None, scale: float | None = None,
+                    shift: float | None = None) -> tuple[str | None, float | None, float | None]:
+    """(vae, scale, shift) for decoding: the given values, else the training store's (`data`, from the
+    checkpoint's metadata); None leaves scale / shift to the VAE's config. A store that records a scale but
+    no shift predates the shift and was made without one (0)."""
+    vae = vae if vae is not None else data.get("vae")
+    scale = scale if scale is not None else data.get("scale")
+    shift = shift if shift is not None else data.get("shift", 0.0 if "scale" in data else None)
+    return vae, scale, shift
 
 
 def _latent_shape(model) -> tuple[int, int, int]:
@@ -124,7 +142,7 @@ def sample_grid(args: argparse.Namespace) -> Path:
     gen = torch.Generator(device).manual_seed(args.seed)
     y = torch.tensor(labels, device=device)
     z = sample(model, y, _latent_shape(model), num_steps=args.num_sampling_steps, cfg_scale=cfg, generator=gen,
-               autocast_dtype=amp, progress=args.progress)
+               scheduler=make_scheduler(args.scheduler), autocast_dtype=amp, progress=args.progress)
     save_grid(decode(z), args.out, nrow=args.nrow)
     print(f"wrote {args.out} ({len(labels)} images, cfg {cfg}, {args.num_sampling_steps} steps)", flush=True)
     return Path(args.out)
@@ -141,7 +159,8 @@ def sample_npz(args: argparse.Namespace) -> Path | None:
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         _check_settings(parts / "settings.json", dict(ckpt=str(Path(args.ckpt).resolve()), cfg=cfg, n=n, world=world,
-                                                      steps=args.num_sampling_steps, seed=args.seed))
+                                                      steps=args.num_sampling_steps, seed=args.seed,
+                                                      **_scheduler_setting(args)))
         print(f"{args.num_samples} images: {rounds} rounds of {n} x {world} processes, cfg {cfg}, "
               f"{args.num_sampling_steps} steps", flush=True)
     if dist.is_initialized():
@@ -153,7 +172,7 @@ def sample_npz(args: argparse.Namespace) -> Path | None:
         gen = torch.Generator(device).manual_seed((args.seed * 100_003 + r) * 1009 + rank)
         y = torch.randint(0, model.num_classes, (n,), device=device, generator=gen)
         z = sample(model, y, _latent_shape(model), num_steps=args.num_sampling_steps, cfg_scale=cfg,
-                   generator=gen, autocast_dtype=amp)
+                   generator=gen, scheduler=make_scheduler(args.scheduler), autocast_dtype=amp)
         images = decode(z)
         atomic_write(path, lambda tmp, images=images: save_npy(tmp, images))
     if dist.is_initialized():
@@ -179,6 +198,11 @@ def _check_settings(path: Path, settings: dict) -> None:
         raise SystemExit(f"{path.parent} holds parts sampled with other settings {path.read_text().strip()}; "
                          "remove it or choose another --npz")
     path.write_text(json.dumps(settings) + "\n")
+
+
+def _scheduler_setting(args: argparse.Namespace) -> dict[str, str]:
+    """The scheduler among the resume settings; DDPM (the only one before) adds nothing, so older parts resume."""
+    return {} if args.scheduler == "ddpm" else {"scheduler": args.scheduler}
 
 
 def _savez(path: str, images: np.ndarray) -> None:

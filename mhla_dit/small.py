@@ -39,6 +39,7 @@ from mhla_dit.train import main as train_main
 CONFIG = Path(__file__).parent / "configs" / "small_digits.yaml"
 VARIANTS = {
     "softmax": {"attention": "softmax"},
+    "softmax-block": {"attention": "softmax_mhla_block"},  # SDPA inside the MHLA block (same-block baseline)
     "linear": {"attention": "linear"},
     "mhla": {"attention": "mhla", "normalizer": "reference"},
     "mhla-exact": {"attention": "mhla", "normalizer": "exact"},

@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         view = torch.zeros(len(x), dtype=torch.long) if args.no_flip else torch.randint(views, (len(x),))
         x, y = x.to(acc.device)[torch.arange(len(x), device=acc.device), view.to(acc.device)], y.to(acc.device)
         t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=acc.device)
-        return {k: v.mean() for k, v in diffusion.training_losses(model, x, t, y).items()}
+        losses = diffusion.training_losses(lambda *a: model(*a, return_dict=False)[0], x, t, y)
+        return {k: v.mean() for k, v in losses.items()}
 
     def checkpoint() -> None:
         r.save(step, model=model, optimizer=optimizer, ema=ema, metadata=meta,

@@ -109,3 +109,33 @@ def test_train_init_from_prints_report(latent_store, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert '"init_from"' in printed and "blocks.0.attn.mixing" in printed and '"unexpected": []' in printed
     assert out["step"] == 1
+
+
+def test_our_checkpoint_format_loads_and_a_save_pretrained_folder_too(tmp_path):
+    """A training checkpoint as the trainer has always written it (safetensors + model/model_kwargs/data
+    metadata, data without a shift) rebuilds the model; so does a diffusers `save_pretrained` folder."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mhla_dit.checkpoints import load_model
+
+    kwargs = dict(hidden_size=DIM, depth=DEPTH, num_heads=2, input_size=SIDE, block_size=4)
+    state = standard_dit_state(seed=3)
+    for b in range(DEPTH):
+        attn = f"blocks.{b}.attn"
+        state |= {f"{attn}.norm.weight": torch.ones(DIM), f"{attn}.norm.bias": torch.zeros(DIM),
+                  f"{attn}.lepe.weight": torch.randn(DIM, 1, 3, 3), f"{attn}.lepe.bias": torch.zeros(DIM),
+                  f"{attn}.mixing": torch.rand(4, 4)}
+    meta = {"model": "DiT-S/2", "model_kwargs": json.dumps(kwargs),
+            "data": json.dumps({"vae": "stabilityai/sd-vae-ft-ema", "scale": 0.18215, "shape": [4, 8, 8]})}
+    save_file(state, str(tmp_path / "ema.safetensors"), metadata=meta)
+    model, read = load_model(tmp_path / "ema.safetensors")
+    assert not model.training and read["data"]["scale"] == 0.18215 and "shift" not in read["data"]
+    own = model.state_dict()
+    assert own.keys() == state.keys() and all(torch.equal(own[k], v) for k, v in state.items())
+    model.save_pretrained(tmp_path / "pretrained")
+    again, none = load_model(tmp_path / "pretrained")
+    assert none == {} and all(torch.equal(again.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="save_pretrained"):
+        load_model(tmp_path)

@@ -1,12 +1,13 @@
 """The variational-bound term against an independent float64 formula; the scheduler; the sampler."""
 
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from mhla_dit.diffusion import Diffusion, create_scheduler, sample
+from mhla_dit.diffusion import SCHEDULERS, Diffusion, create_scheduler, make_scheduler, sample, uses_learned_variance
 from mhla_dit.models import create_model
 
 from .conftest import TINY
@@ -82,7 +83,7 @@ def test_hybrid_loss_is_mse_plus_vb_and_vb_only_trains_the_variance():
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
     out = d.training_losses(model, x0, t, y, noise)
-    pred = model(d.scheduler.add_noise(x0, noise, t), t, y)
+    pred = model(d.scheduler.add_noise(x0, noise, t), t, y).sample
     assert torch.allclose(out["mse"], ((pred[:, :4] - noise) ** 2).mean((1, 2, 3)), atol=1e-6)
     assert torch.allclose(out["loss"], out["mse"] + out["vb"])
     eps = pred[:, :4].detach().requires_grad_()
@@ -113,3 +114,85 @@ def test_sampler_is_seeded_and_guided():
     a, b = run(4.0), run(4.0)
     assert a.shape == (2, 4, 8, 8) and torch.isfinite(a).all() and torch.equal(a, b)
     assert not torch.allclose(a, run(1.0)) and not torch.equal(a, run(4.0, seed=1))
+
+
+def _sampling_model(learn_sigma=True):
+    torch.manual_seed(0)
+    model = create_model("DiT-S/2", input_size=8, learn_sigma=learn_sigma, **TINY).eval()
+    for name, p in model.named_parameters():
+        if "adaLN" in name or "final" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _schedulers():
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler
+
+    ddpm = create_scheduler().config
+    return {
+        **{name: (lambda name=name: make_scheduler(name)) for name in SCHEDULERS},
+        # built from our DDPM config it inherits variance_type="learned_range" (diffusers then keeps 3 channels)
+        "dpm-from-ddpm-config": lambda: DPMSolverMultistepScheduler.from_config(ddpm),
+        "ddpm-fixed-small": lambda: DDPMScheduler.from_config(ddpm, variance_type="fixed_small"),
+        "heun": lambda: HeunDiscreteScheduler.from_config(ddpm),  # two model calls a step, no generator
+    }
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+@pytest.mark.parametrize("name", list(_schedulers()))
+def test_sample_runs_every_scheduler(name, cfg, monkeypatch):
+    model, scheduler = _sampling_model(), _schedulers()[name]()
+    seen, step = [], type(scheduler).step
+
+    @functools.wraps(step)
+    def recording_step(self, model_output, *a, **k):
+        seen.append(model_output.shape[1])
+        return step(self, model_output, *a, **k)
+
+    monkeypatch.setattr(type(scheduler), "step", recording_step)  # the class: sample may run a copy
+    z = sample(model, torch.tensor([1, 2]), (4, 8, 8), num_steps=3, cfg_scale=cfg, scheduler=scheduler,
+               generator=torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
+    assert seen and set(seen) == {8 if uses_learned_variance(scheduler) else 4}  # sigma split off unless used
+    assert uses_learned_variance(scheduler) == (name == "ddpm")
+
+
+def test_ddpm_sampling_equals_the_previous_sampler():
+    """The default (DDPM, learned-range variance) gives what the sampler before any-scheduler support gave."""
+    model = _sampling_model()
+
+    def previous(y, cfg, seed, steps=4):  # the old loop: int timesteps, the full 2C output to DDPM's step
+        s, gen = create_scheduler(), torch.Generator().manual_seed(seed)
+        s.set_timesteps(steps)
+        z = torch.randn((len(y), 4, 8, 8), generator=gen)
+        yy = y
+        if cfg > 1:
+            z, yy = torch.cat([z, z]), torch.cat([y, torch.full_like(y, model.num_classes)])
+        for t in s.timesteps:
+            tt = torch.full((z.shape[0],), int(t), dtype=torch.long)
+            out = model.forward_with_cfg(z, tt, yy, cfg) if cfg > 1 else model(z, tt, yy, return_dict=False)[0]
+            z = s.step(out.float(), int(t), z, generator=gen).prev_sample
+        return z[: len(y)]
+
+    for cfg in (1.0, 4.0):
+        y = torch.tensor([1, 2, 999])
+        new = sample(model, y, (4, 8, 8), num_steps=4, cfg_scale=cfg, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(new, previous(y, cfg, 5))
+
+
+def test_learned_variance_scheduler_needs_a_learned_sigma_model():
+    with pytest.raises(ValueError, match="variance_type"):
+        sample(_sampling_model(learn_sigma=False), torch.tensor([1]), (4, 8, 8), num_steps=2)
+    z = sample(_sampling_model(learn_sigma=False), torch.tensor([1]), (4, 8, 8), num_steps=2,
+               scheduler=make_scheduler("ddim"))
+    assert z.shape == (1, 4, 8, 8) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match="ddim"):
+        make_scheduler("plms")
+
+
+def test_user_scheduler_is_not_changed():
+    from diffusers import DPMSolverMultistepScheduler
+
+    s = DPMSolverMultistepScheduler.from_config(create_scheduler().config)
+    sample(_sampling_model(), torch.tensor([1]), (4, 8, 8), num_steps=2, scheduler=s)
+    assert s.config.variance_type == "learned_range"  # a copy without it ran

@@ -28,7 +28,7 @@ def test_registry_has_all_sizes_and_patches():
 def test_every_size_builds_tiny_with_learned_sigma_shape(name):
     model = create_model(name, hidden_size=32, depth=1, num_heads=2, input_size=16, block_size=4)
     x, t, y = _inputs(s=16)
-    out = model(x, t, y)
+    out = model(x, t, y).sample
     assert out.shape == (2, 8, 16, 16)  # [B, 2C, H, W]
     side = 16 // DiT_models[name]["patch_size"]
     assert model.blocks[0].attn.num_blocks == max(1, side // 2) ** 2
@@ -41,7 +41,7 @@ def test_attentions_forward_backward_and_cfg(attention):
     for p in model.final_layer.parameters():  # leave adaLN-Zero's zero output so outputs depend on the input
         torch.nn.init.normal_(p, std=0.1)
     x, t, y = _inputs()
-    out = model(x, t, y)
+    out = model(x, t, y).sample
     out.square().mean().backward()
     assert out.shape == (2, 8, 8, 8) and torch.isfinite(out).all()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -49,7 +49,7 @@ def test_attentions_forward_backward_and_cfg(attention):
     z = torch.cat([x[:1], x[:1]])
     yy = torch.tensor([5, model.num_classes])
     cfg = model.forward_with_cfg(z, t[:1].repeat(2), yy, 3.0)
-    cond, uncond = model(x[:1], t[:1], yy[:1]), model(x[:1], t[:1], yy[1:])
+    cond, uncond = model(x[:1], t[:1], yy[:1]).sample, model(x[:1], t[:1], yy[1:]).sample
     guided = uncond[:, :4] + 3.0 * (cond[:, :4] - uncond[:, :4])
     assert torch.allclose(cfg[0, :4], guided[0], atol=1e-5) and torch.allclose(cfg[1, :4], guided[0], atol=1e-5)
     assert torch.allclose(cfg[:1, 4:], cond[:, 4:], atol=1e-5)  # variance channels unguided
@@ -86,7 +86,7 @@ def test_single_block_layout_is_finite_and_equals_linear():
     x, t, y = _inputs(s=32)
     lin.load_state_dict(one.state_dict())
     one.eval(), lin.eval()
-    a, b = one(x, t, y), lin(x, t, y)
+    a, b = one(x, t, y).sample, lin(x, t, y).sample
     assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
 
 
@@ -127,7 +127,7 @@ def test_frozen_sincos_pos_embed():
 def test_adaln_zero_init_and_mixing_clamp():
     model = create_model("DiT-S/2", input_size=8, **TINY)
     x, t, y = _inputs()
-    assert model(x, t, y).abs().max() == 0  # zero final layer
+    assert model(x, t, y).sample.abs().max() == 0  # zero final layer
     assert all(b.adaLN_modulation[-1].weight.abs().max() == 0 for b in model.blocks)
     attn = model.blocks[0].attn
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_triton_backend_matches_torch_reference_in_a_dit():
     tri.load_state_dict(ref.state_dict())
     ref, tri = ref.to(device).eval(), tri.to(device).eval()
     x, t, y = (a.to(device) for a in _inputs())
-    a, b = ref(x, t, y), tri(x, t, y)
+    a, b = ref(x, t, y, return_dict=False)[0], tri(x, t, y, return_dict=False)[0]
     assert torch.allclose(a, b, atol=1e-5)
     a.square().sum().backward()
     b.square().sum().backward()

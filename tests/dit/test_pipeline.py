@@ -135,6 +135,14 @@ def test_sample_grid_png(checkpoint, tmp_path):
     assert img.format == "PNG" and img.size == (2 * IMAGE_SIZE + 6, IMAGE_SIZE + 4)  # 2 images, 2 px borders
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_sample_grid_with_other_schedulers(checkpoint, tmp_path, scheduler):
+    path = sample_main(["--ckpt", str(checkpoint), "--class-labels", "0", "1", "--num-sampling-steps", "3",
+                        "--scheduler", scheduler, "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    assert Image.open(path).size == (2 * IMAGE_SIZE + 6, IMAGE_SIZE + 4)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--class-labels", "0", "2"], "--class-labels"),  # the model has classes 0 and 1
     (["--class-labels", "-1"], "--class-labels"),

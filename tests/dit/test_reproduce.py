@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mhla_core.config import parse_with_config
+from mhla_core.config import load_yaml, parse_with_config
 from mhla_dit.models import create_model
 from mhla_dit.train import build_parser
 
@@ -29,11 +29,16 @@ def test_configs_parse_and_build(config):
     if config.stem.startswith("dit_s2"):
         assert args.model == "DiT-S/2" and args.lr == 1e-4 and args.global_batch_size == 256
         assert args.ema_decay == 0.9999 and args.epochs == 80 and args.weight_decay == 0
-        want = config.stem.split("_")[-1]
+        want = config.stem.removeprefix("dit_s2_")
         assert model.attention == want
         if want == "mhla":
             attn = model.blocks[0].attn
             assert attn.blocks == (4, 4) and attn.normalizer == "reference" and attn.mixing_constraint == "clamp01"
+        if want == "softmax_mhla_block":  # the same block as MHLA's config builds, with softmax inside
+            mhla = create_model(args.model, **{**load_yaml(ROOT / "mhla_dit/configs/dit_s2_mhla.yaml")["model_kwargs"],
+                                               "depth": 1})
+            names = {k for k, _ in model.named_parameters()}
+            assert names == {k for k, _ in mhla.named_parameters()} - {"blocks.0.attn.mixing"}
 
 
 def test_dit_sh_end_to_end_tiny(image_folder, vae_path, tmp_path):
