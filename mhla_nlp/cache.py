@@ -97,11 +97,23 @@ class MHLAStaticCache(Cache):
         H = int(config.num_heads)
         dk = int(config.hidden_size * config.expand_k) // H
         dv = int(config.hidden_size * config.expand_v) // H
-        self.max_batch_size, self.max_cache_len = int(max_batch_size), max_cache_len
+        # private fields behind properties: some transformers versions (5.17) define these names as read-only
+        # properties of Cache
+        self._static_batch, self._static_len = int(max_batch_size), max_cache_len
         slots = math.ceil(max_cache_len / C)
         for _ in range(config.num_hidden_layers):
             state = StaticMHLAState.zeros(max_batch_size, H, slots, dk, dv, C, device=device, dtype=dtype)
             self.layers.append(MHLAStaticLayer(state))
+
+    @property
+    def max_batch_size(self) -> int:
+        """The most sequences decoded at once."""
+        return self._static_batch
+
+    @property
+    def max_cache_len(self) -> int:
+        """The most tokens a sequence reaches (prompt and generated)."""
+        return self._static_len
 
     def get_max_length(self, layer_idx: int = 0) -> int:
         return self.max_cache_len

@@ -178,3 +178,15 @@ def test_cuda_static_step_has_no_host_sync():
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_static_cache_sizes_survive_read_only_cache_properties(monkeypatch):
+    """transformers 5.17's Cache defines max_batch_size / max_cache_len as read-only properties (the H200
+    image: 'property ... has no setter'); the static cache keeps its sizes in its own fields."""
+    from fla.models.utils import Cache
+
+    monkeypatch.setattr(Cache, "max_batch_size", property(lambda self: -1), raising=False)
+    monkeypatch.setattr(Cache, "max_cache_len", property(lambda self: -1), raising=False)
+    model = tiny_model()
+    cache = MHLAStaticCache(model.config, max_batch_size=3, max_cache_len=40)
+    assert (cache.max_batch_size, cache.max_cache_len) == (3, 40)
