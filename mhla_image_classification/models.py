@@ -51,6 +51,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> MHLAVisionTrans
     `MHLAVisionTransformer`'s and timm's (softmax attention takes none of `MHLA_DEFAULTS`)."""
     prefix, size, res = variant.rsplit("_deit_", 1)[0], variant.split("_")[-3], int(variant.rsplit("_", 1)[1])
     attention = KINDS[prefix]
+    if "attention" in kwargs:
+        raise ValueError(f"attention is set by the model name ({variant}: {attention!r}); choose another name")
     given = [k for k in MHLA_DEFAULTS if k in kwargs]
     if attention == "softmax" and given:
         raise ValueError(f"{variant} has softmax attention and takes no MHLA setting; drop {', '.join(given)} "

@@ -13,6 +13,7 @@ one block). A grid of another block grid gets the mixing matrix resampled biline
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -113,6 +114,13 @@ class MHLAVisionTransformer(VisionTransformer):
                          embed_layer=CenterPadPatchEmbed if pad_image else PatchEmbed,
                          block_fn=partial(GridBlock, attn_kwargs=attn_kwargs), attn_layer=attn_layer, **kwargs)
         self.grid_settings = settings
+
+    @torch.no_grad()
+    def fix_init_weight(self) -> None:
+        """timm's `fix_init=True`: scale each block's output projections by 1 / sqrt(2 * (index + 1))."""
+        for i, blk in enumerate(self.blocks):
+            blk.attn.mhla.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
     @property
     def image_size(self) -> tuple[int, int]:

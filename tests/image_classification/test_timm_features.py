@@ -134,6 +134,15 @@ def test_img_size_errors_name_the_argument():
         timm.create_model(MHLA_224, img_size=(224, 300), **TINY)
     with pytest.raises(ValueError, match="a 24x25 patch grid is not divisible by piece_size=4 and token padding"):
         timm.create_model("mhla_deit_tiny_patch16_384", img_size=(384, 400), pad_tokens=False, **TINY)
+    with pytest.raises(ValueError, match="class_token must be False"):
+        timm.create_model(MHLA_224, class_token=True, **TINY)
+    with pytest.raises(ValueError, match="attention is set by the model name"):
+        timm.create_model(MHLA_224, attention="softmax", **TINY)
+    torch.manual_seed(0)
+    plain = timm.create_model(MHLA_224, **TINY)
+    torch.manual_seed(0)
+    fixed = timm.create_model(MHLA_224, fix_init=True, **TINY)  # timm's option reaches the block's projections
+    torch.testing.assert_close(fixed.blocks[1].attn.mhla.proj.weight, plain.blocks[1].attn.mhla.proj.weight / 2)
 
 
 # set_input_size and dynamic_img_size rebuild the block layout; the mixing is resampled over the block grid
