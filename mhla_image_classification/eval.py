@@ -25,9 +25,9 @@ from mhla_core.compile import add_compile_args, compile_model, compile_settings
 from mhla_core.config import ParseKwargs, load_yaml
 from mhla_image_classification.data import build_transforms, check_split, eval_loader
 from mhla_image_classification.evaluate import evaluate
+from mhla_image_classification.models import MHLA_DEFAULTS, attention_of
 
-MHLA_KWARGS = {"piece_size", "transform", "exp_sigma", "local_thres", "normalizer", "pad_image", "pad_tokens",
-               "lepe_kernel", "mixing_constraint"}  # dropped for timm's own (softmax) models
+MHLA_KWARGS = {*MHLA_DEFAULTS, "pad_image", "lepe_kernel"}  # dropped for models this package does not register
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,11 +99,13 @@ def throughput(names: Sequence[str], batch_size: int, device: torch.device, step
                compile_with: tuple[str, str, str | None] = ("none", "inductor", None)) -> list[dict]:
     """Images per second (bf16 autocast on CUDA) of a forward pass, or with `train` of a full training
     step (forward, backward, AdamW step) on random data, for each model name; `compile_with` is
-    `compile_model`'s (how, backend, mode), the same for every model."""
+    `compile_model`'s (how, backend, mode), the same for every model. `model_kwargs` reach every model this
+    package registers (the softmax ones less the MHLA op's settings); timm's own get none of `MHLA_KWARGS`."""
     rows = []
     for name in names:
-        ours = name.startswith(("mhla_", "linear_"))
-        kwargs = {k: v for k, v in model_kwargs.items() if ours or k not in MHLA_KWARGS}
+        attention = attention_of(name)  # from timm's registry: None for timm's own models
+        drop = MHLA_KWARGS if attention is None else set(MHLA_DEFAULTS) if attention == "softmax" else set()
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in drop}
         if img_size:
             kwargs["img_size"] = img_size
         model = compile_model(timm.create_model(name, **kwargs).to(device).train(train), *compile_with)
