@@ -11,11 +11,11 @@ Everything is their code (`mhla_dit/models.py`, `mhla/mhla.py`, `piecewise_patch
 2. Their `@torch.compile` methods run eagerly (`torch.compile` is the identity while their files load): the
    same operations, without an Inductor C++ build per test on a CPU machine.
 
-With `normalizer="reference"` (the paper's configs) ours must equal theirs to fp32 rounding. Where SPEC.md
+With `normalizer="reference"` (the paper's configs) ours must equal theirs to fp32 rounding. Where docs/spec.md
 section 6 documents that their code is wrong, the test asserts the documented difference instead:
-- 6.1, `normalizer="exact"`: ours equals their attention with the denominator corrected to (s q_t) . z~_i
+- item 1, `normalizer="exact"`: ours equals their attention with the denominator corrected to (s q_t) . z~_i
   (built from their own sub-modules), and differs from their released attention.
-- 6.6, one block (e.g. DiT-*/8 at 256 px with 16-token blocks): their `linear` initialiser divides by a zero
+- item 6, one block (e.g. DiT-*/8 at 256 px with 16-token blocks): their `linear` initialiser divides by a zero
   maximum distance, so their W and their whole prediction are NaN; ours has W = [[1]] and equals their model
   with W set to [[1]].
 """
@@ -161,7 +161,7 @@ def test_reference_normaliser_matches_their_blocks(authors, dtype):
 
 
 def corrected(attn, x):
-    """Their `MHLA4DiT.forward` with the denominator of SPEC section 1: q_t . (sum_j W[i, j] z_j)."""
+    """Their `MHLA4DiT.forward` with the denominator of docs/spec.md section 1: q_t . (sum_j W[i, j] z_j)."""
     x = attn.norm(x)
     B, N, W, C = x.shape
     q, k, v, lepe = attn._mlp_lepe(x)
@@ -174,7 +174,8 @@ def corrected(attn, x):
 
 
 def test_exact_normaliser_is_their_attention_with_the_corrected_denominator(authors):
-    """SPEC 6.1: ours ("exact") = their attention with the corrected denominator; theirs differs from both."""
+    """docs/spec.md section 6 (item 1): ours ("exact") = their attention with the corrected denominator;
+    their released attention differs from both."""
     torch.manual_seed(1)
     theirs = their_model(authors, 32)
     randomise(theirs)
@@ -197,7 +198,7 @@ def test_exact_normaliser_is_their_attention_with_the_corrected_denominator(auth
 
 
 def test_one_block_is_identity_mixing_where_theirs_is_nan(authors):
-    """SPEC 6.6: a 4x4 token grid (8x8 latents, patch 2) is a single 16-token block."""
+    """docs/spec.md section 6 (item 6): a 4x4 token grid (8x8 latents, patch 2) is a single 16-token block."""
     torch.manual_seed(2)
     theirs = their_model(authors, 8)
     randomise(theirs)

@@ -16,9 +16,9 @@ Everything is their code (`models/mhla_vit.py`, `models/modules/attention/mhla.p
    the same operations, without an Inductor C++ build per test on a CPU machine.
 
 With `normalizer="reference"` (the paper's configs) ours must equal theirs to fp32 rounding. With
-`normalizer="exact"` ours must differ, as SPEC.md section 6.1 documents: their denominator mixes the queries of
-other blocks (W applied to the per-block products q_{j,w} . z_j). There ours must equal their module with the
-denominator corrected to (s q_t) . z~_i, built from their own sub-modules.
+`normalizer="exact"` ours must differ, as docs/spec.md section 6 (item 1) documents: their denominator mixes
+the queries of other blocks (W applied to the per-block products q_{j,w} . z_j). There ours must equal their
+module with the denominator corrected to (s q_t) . z~_i, built from their own sub-modules.
 """
 
 import importlib.util
@@ -169,7 +169,8 @@ def test_reference_normaliser_matches_their_model(authors, dtype):
 
 
 def corrected(attn, x):
-    """Their `MHLA_Normed_Torch.forward` with the denominator of SPEC section 1: q_t . (sum_j W[i, j] z_j)."""
+    """Their `MHLA_Normed_Torch.forward` with the denominator of docs/spec.md section 1:
+    q_t . (sum_j W[i, j] z_j)."""
     x = attn.norm(x)
     B, N, W, C = x.shape
     q, k, v, lepe = attn._mlp_lepe(x)
@@ -182,7 +183,8 @@ def corrected(attn, x):
 
 
 def test_exact_normaliser_is_their_attention_with_the_corrected_denominator(authors):
-    """SPEC 6.1: ours ("exact") = their attention with the corrected denominator; theirs differs from both."""
+    """docs/spec.md section 6 (item 1): ours ("exact") = their attention with the corrected denominator;
+    their released attention differs from both."""
     torch.manual_seed(1)
     theirs = their_model(authors)
     randomise(theirs)

@@ -18,12 +18,12 @@ CPU machine or these library versions, none touching the arithmetic:
    (each autotuned kernel keeps its first config: a tiling choice, not a result).
 
 What is compared: the training (chunked) forward, which is what their model trains with; their cached decoding
-is documented as broken (SPEC.md 6.2, docs/nlp.md) and is not compared. Where SPEC.md documents that their
-code is wrong, the test asserts the documented difference instead:
-- 6.2, their full-sequence recurrent loop (`naive_recurrent_mhla`, which their layer runs for inputs of at most
+is documented as broken (docs/spec.md section 6, item 2; docs/nlp.md) and is not compared. Where docs/spec.md
+section 6 documents that their code is wrong, the test asserts the documented difference instead:
+- item 2, their full-sequence recurrent loop (`naive_recurrent_mhla`, which their layer runs for inputs of at most
   64 tokens, where it is exact) is shifted by one chunk for longer inputs: it equals our chunked op with the
   mixing shifted so that chunk c reads S_j under W[c, j + 1] (and S_{c-1} not at all).
-- 6.3, their op ignores `cu_seqlens`: packed documents leak into later ones. Ours equals their layer run on
+- item 3, their op ignores `cu_seqlens`: packed documents leak into later ones. Ours equals their layer run on
   each document alone; their packed run differs from that after the first document.
 """
 
@@ -140,8 +140,8 @@ def test_chunked_forward_matches_their_layer(authors, T):
 
 
 def test_their_recurrent_loop_is_our_op_with_the_mixing_shifted_one_chunk(authors):
-    """SPEC 6.2 on the op: their `naive_recurrent_mhla` over 150 tokens = our chunked op with W'[c, j] = W[c, j + 1]
-    for j < c - 1, W'[c, c - 1] = 0 and W'[c, c] = W[c, c]; with W itself it differs."""
+    """docs/spec.md section 6 (item 2), on the op: their `naive_recurrent_mhla` over 150 tokens = our chunked op
+    with W'[c, j] = W[c, j + 1] for j < c - 1, W'[c, c - 1] = 0 and W'[c, c] = W[c, c]; with W itself it differs."""
     torch.manual_seed(1)
     B, T, H, D = 2, 150, 2, 16
     q, k = torch.rand(B, T, H, D), torch.rand(B, T, H, D)
@@ -163,7 +163,7 @@ def test_their_recurrent_loop_is_our_op_with_the_mixing_shifted_one_chunk(author
 
 
 def test_packed_documents_stay_apart_where_theirs_leak(authors):
-    """SPEC 6.3: documents of 70 and 90 tokens packed into one row with `cu_seqlens`."""
+    """docs/spec.md section 6 (item 3): documents of 70 and 90 tokens packed into one row with `cu_seqlens`."""
     torch.manual_seed(2)
     theirs = their_layer(authors)
     randomise(theirs)
