@@ -49,6 +49,10 @@ VARIANTS = {
     "default": ParallelTiles(),
     "before": ParallelTiles(w_mode="onehot", dw_mode="onehot"),  # the defaults until 2026-12-02 (third session)
     "split": ParallelTiles(split_dims=True),  # head dims as a power of two plus a tail tile (72 = 64 + 16)
+    "split_window": ParallelTiles(split_dims=True, split_tail="window"),  # tail = columns D - 16 .. D - 1
+    "split32": ParallelTiles(split_dims=True, split_min_tail=32),  # 72 = 64 + a 32-wide tail
+    "split32_window": ParallelTiles(split_dims=True, split_tail="window", split_min_tail=32),
+    "split_s1": _all(64, 64, 4, 1, split_dims=True),  # no software pipelining
     "q128": ParallelTiles(128, 64, 8, 2, 128, 64, 8, 2, 128, 64, 8, 2),
     "s3": ParallelTiles(64, 64, 4, 3, 64, 64, 4, 3, 64, 64, 4, 3),
     "onehot": ParallelTiles(w_mode="onehot"),
@@ -76,6 +80,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(shape, cfg: NoncausalConfig, dtype=torch.bfloat16, normalizer="exact", normalize=True) -> float:
     """Largest relative error of o, dq, dk, dv, dW on one batch entry against float64."""
+    errs = check_errors(shape, cfg, dtype, normalizer, normalize)
+    return float("nan") if any(e != e for e in errs) else max(errs)
+
+
+def check_errors(shape, cfg: NoncausalConfig, dtype=torch.bfloat16, normalizer="exact",
+                 normalize=True) -> list[float]:
+    """Relative errors of o, dq, dk, dv, dW on one batch entry against float64 (which kernel is off)."""
     _, H, N, D, M = shape
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k = (torch.rand(1, N, H, D, device="cuda", generator=g) for _ in range(2))
@@ -88,8 +99,7 @@ def check(shape, cfg: NoncausalConfig, dtype=torch.bfloat16, normalizer="exact",
                                                                          else dt).requires_grad_()]
         o = mhla(*leaves, backend=backend, config=cfg if backend == "triton" else None, **kw)
         out.append([o, *torch.autograd.grad(o, leaves, do.to(o.dtype))])
-    errs = [_rel(a, b) for a, b in zip(*out)]
-    return float("nan") if any(e != e for e in errs) else max(errs)
+    return [_rel(a, b) for a, b in zip(*out)]
 
 
 def _time(fn, inputs):
@@ -239,7 +249,10 @@ def main() -> None:
         if args.check_only:
             for vname in args.variants:
                 cfg = NoncausalConfig(path="parallel", parallel=VARIANTS[vname])
-                print(f"{name} {vname}: max rel err {check(shape, cfg, normalizer=args.normalizer):.1e}", flush=True)
+                errs = check_errors(shape, cfg, normalizer=args.normalizer)
+                worst = float("nan") if any(e != e for e in errs) else max(errs)
+                parts = " ".join(f"{n} {e:.1e}" for n, e in zip(("o", "dq", "dk", "dv", "dW"), errs))
+                print(f"{name} {vname}: {parts}; max rel err {worst:.1e}", flush=True)
             continue
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.rand(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

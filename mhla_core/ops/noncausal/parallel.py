@@ -78,31 +78,55 @@ def _store_rows(base, rows, mrow, s_t, x, D0: tl.constexpr, BD: tl.constexpr, D:
 
 
 @_device_fn
-def _rows2(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+def _tail_rows(base, rows, mrow, s_t, T0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+    """The tail tile of a split head dim: columns T0 .. T0 + D2. T0 = D1 masks the columns past D at the
+    load; T0 = D - D2 (the window mode) loads only real columns and zeroes those below D1 afterwards."""
+    x = _rows(base, rows, mrow, s_t, T0, D2, D)
+    if T0 < D1:
+        offs = T0 + tl.arange(0, D2)
+        x = tl.where(offs[None, :] >= D1, x, tl.zeros_like(x))
+    return x
+
+
+@_device_fn
+def _tail_rows_t(base, rows, mrow, s_t, T0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+    """The transpose of `_tail_rows`: [D2, len(rows)]."""
+    x = _rows_t(base, rows, mrow, s_t, T0, D2, D)
+    if T0 < D1:
+        offs = T0 + tl.arange(0, D2)
+        x = tl.where(offs[:, None] >= D1, x, tl.zeros_like(x))
+    return x
+
+
+@_device_fn
+def _rows2(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, T0: tl.constexpr, D: tl.constexpr):
     """`_rows` of the main tile and of the tail tile of a split head dim (the main one again without a tail)."""
     x1 = _rows(base, rows, mrow, s_t, 0, D1, D)
     x2 = x1
     if D2 > 0:
-        x2 = _rows(base, rows, mrow, s_t, D1, D2, D)
+        x2 = _tail_rows(base, rows, mrow, s_t, T0, D1, D2, D)
     return x1, x2
 
 
 @_device_fn
-def _rows2_t(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
+def _rows2_t(base, rows, mrow, s_t, D1: tl.constexpr, D2: tl.constexpr, T0: tl.constexpr, D: tl.constexpr):
     """`_rows_t` of the main and the tail tile."""
     x1 = _rows_t(base, rows, mrow, s_t, 0, D1, D)
     x2 = x1
     if D2 > 0:
-        x2 = _rows_t(base, rows, mrow, s_t, D1, D2, D)
+        x2 = _tail_rows_t(base, rows, mrow, s_t, T0, D1, D2, D)
     return x1, x2
 
 
 @_device_fn
-def _store_rows2(base, rows, mrow, s_t, x1, x2, D1: tl.constexpr, D2: tl.constexpr, D: tl.constexpr):
-    """`_store_rows` of the main and the tail tile."""
+def _store_rows2(base, rows, mrow, s_t, x1, x2, D1: tl.constexpr, D2: tl.constexpr, T0: tl.constexpr,
+                 D: tl.constexpr):
+    """`_store_rows` of the main and the tail tile (of the tail only its columns from D1 on)."""
     _store_rows(base, rows, mrow, s_t, x1, 0, D1, D)
     if D2 > 0:
-        _store_rows(base, rows, mrow, s_t, x2, D1, D2, D)
+        offs = T0 + tl.arange(0, D2)
+        tl.store(base + rows[:, None] * s_t + offs[None, :], _cast(x2, base.dtype.element_ty),
+                 mask=mrow[:, None] & (offs[None, :] < D) & (offs[None, :] >= D1))
 
 
 @_device_fn
@@ -251,6 +275,7 @@ def _par_fwd_kernel(
     sw_h, sx_h, H, N, L, M, scale, eps,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    DKT: tl.constexpr, DVT: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
     GRID: tl.constexpr, JB: tl.constexpr, LB: tl.constexpr,
@@ -266,13 +291,13 @@ def _par_fwd_kernel(
     dt = q_ptr.dtype.element_ty
     q0 = pq * BQ
     offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
-    q1, q2 = _rows2(qb, rows_q, mq, sq_t, DK1, DK2, DK)
+    q1, q2 = _rows2(qb, rows_q, mq, sq_t, DK1, DK2, DKT, DK)
     acc1 = tl.zeros([BQ, DV1], dtype=tl.float32)
     acc2 = tl.zeros([BQ, DV2P], dtype=tl.float32)
     den = tl.zeros([BQ], dtype=tl.float32)
     for k0 in range(0, N, BK):
         offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
-        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DK)
+        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DKT, DK)
         s = _scores(q1, q2, kt1, kt2, PREC, DK2 > 0)
         a = _times_w(s, wb, wx, q0, offs_q, mq, k0, offs_k, mk, L, M, N, WMODE, NB, WPREC, LB, BQ, BK) * scale
         if NORM == 1:
@@ -280,7 +305,7 @@ def _par_fwd_kernel(
         a_d = _cast(a, dt)
         acc1 = _dot(a_d, _rows(vb, rows_k, mk, sv_t, 0, DV1, DV), acc1, PREC)
         if DV2 > 0:
-            acc2 = _dot(a_d, _rows(vb, rows_k, mk, sv_t, DV1, DV2, DV), acc2, PREC)
+            acc2 = _dot(a_d, _tail_rows(vb, rows_k, mk, sv_t, DVT, DV1, DV2, DV), acc2, PREC)
     if NORM == 1:
         r = 1.0 / (den + eps)
     elif NORM == 2:
@@ -289,7 +314,7 @@ def _par_fwd_kernel(
     else:
         r = tl.full([BQ], 1.0, tl.float32)
     ob = o_ptr + b * so_b + h * so_h
-    _store_rows2(ob, rows_q, mq, so_t, acc1 * r[:, None], acc2 * r[:, None], DV1, DV2, DV)
+    _store_rows2(ob, rows_q, mq, so_t, acc1 * r[:, None], acc2 * r[:, None], DV1, DV2, DVT, DV)
     tl.store(r_ptr + bh.to(tl.int64) * N + offs_q, r, mask=offs_q < N)  # padding: finite r
 
 
@@ -301,6 +326,7 @@ def _par_dq_kernel(
     sw_h, sx_h, H, N, L, M, scale,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    DKT: tl.constexpr, DVT: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, WPREC: tl.constexpr,
     GRID: tl.constexpr, LB: tl.constexpr,
@@ -316,20 +342,21 @@ def _par_dq_kernel(
     dt = k_ptr.dtype.element_ty
     q0 = pq * BQ
     offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
-    do1, do2 = _rows2(db, rows_q, mq, sd_t, DV1, DV2, DV)
+    do1, do2 = _rows2(db, rows_q, mq, sd_t, DV1, DV2, DVT, DV)
     rq = bh.to(tl.int64) * N + offs_q
     if NORM > 0:
         r = tl.load(r_ptr + rq, mask=mq, other=0.0)
         delta = tl.sum(do1.to(tl.float32) * _rows(ob, rows_q, mq, so_t, 0, DV1, DV).to(tl.float32), axis=1)
         if DV2 > 0:
-            delta += tl.sum(do2.to(tl.float32) * _rows(ob, rows_q, mq, so_t, DV1, DV2, DV).to(tl.float32), axis=1)
+            o2 = _tail_rows(ob, rows_q, mq, so_t, DVT, DV1, DV2, DV)
+            delta += tl.sum(do2.to(tl.float32) * o2.to(tl.float32), axis=1)
         tl.store(delta_ptr + rq, delta, mask=offs_q < N)  # padding: delta 0
     dq1 = tl.zeros([BQ, DK1], dtype=tl.float32)
     dq2 = tl.zeros([BQ, DK2P], dtype=tl.float32)
     for k0 in range(0, N, BK):
         offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
-        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DK)
-        vt1, vt2 = _rows2_t(vb, rows_k, mk, sv_t, DV1, DV2, DV)
+        kt1, kt2 = _rows2_t(kb, rows_k, mk, sk_t, DK1, DK2, DKT, DK)
+        vt1, vt2 = _rows2_t(vb, rows_k, mk, sv_t, DV1, DV2, DVT, DV)
         dp = _scores(do1, do2, vt1, vt2, PREC, DV2 > 0)
         if NORM == 1:
             dp = (dp - delta[:, None]) * r[:, None]
@@ -340,7 +367,7 @@ def _par_dq_kernel(
         if DK2 > 0:
             dq2 = _dot(ds, tl.trans(kt2), dq2, PREC)
     dqb = dq_ptr + b * sdq_b + h * sdq_h
-    _store_rows2(dqb, rows_q, mq, sdq_t, dq1 * scale, dq2 * scale, DK1, DK2, DK)
+    _store_rows2(dqb, rows_q, mq, sdq_t, dq1 * scale, dq2 * scale, DK1, DK2, DKT, DK)
 
 
 @triton.jit
@@ -351,6 +378,7 @@ def _par_dkdv_kernel(
     sw_h, sx_h, H, N, L, M, scale,
     DK: tl.constexpr, DV: tl.constexpr, DK1: tl.constexpr, DK2: tl.constexpr,
     DV1: tl.constexpr, DV2: tl.constexpr, DK2P: tl.constexpr, DV2P: tl.constexpr,
+    DKT: tl.constexpr, DVT: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr,
     NORM: tl.constexpr, WMODE: tl.constexpr, NB: tl.constexpr, NBQ: tl.constexpr,
     PREC: tl.constexpr, WPREC: tl.constexpr, NEED_DW: tl.constexpr, GRID: tl.constexpr,
@@ -369,8 +397,8 @@ def _par_dkdv_kernel(
     dt = q_ptr.dtype.element_ty
     k0 = pk * BK
     offs_k, rows_k, mk = _positions(map_ptr, k0, N, BK, GRID)
-    k1, k2 = _rows2(kb, rows_k, mk, sk_t, DK1, DK2, DK)
-    v1, v2 = _rows2(vb, rows_k, mk, sv_t, DV1, DV2, DV)
+    k1, k2 = _rows2(kb, rows_k, mk, sk_t, DK1, DK2, DKT, DK)
+    v1, v2 = _rows2(vb, rows_k, mk, sv_t, DV1, DV2, DVT, DV)
     jk0 = k0 // L
     if NEED_DW and WMODE != 2 and WMODE != 3 and not DWR:
         ek_t = tl.trans(_onehot(offs_k, L, jk0, NB))  # [NB, BK]
@@ -380,7 +408,7 @@ def _par_dkdv_kernel(
     dv2 = tl.zeros([BK, DV2P], dtype=tl.float32)
     for q0 in range(0, N, BQ):
         offs_q, rows_q, mq = _positions(map_ptr, q0, N, BQ, GRID)
-        qt1, qt2 = _rows2_t(qb, rows_q, mq, sq_t, DK1, DK2, DK)
+        qt1, qt2 = _rows2_t(qb, rows_q, mq, sq_t, DK1, DK2, DKT, DK)
         st = _scores(k1, k2, qt1, qt2, PREC, DK2 > 0) * scale  # s_tu as [u, t]
         if WMODE == 2:
             wt = tl.load(wb + (q0 // L) * M + jk0)
@@ -394,7 +422,7 @@ def _par_dkdv_kernel(
             wt = tl.load(wx + offs_q[None, :] * N + offs_k[:, None], mask=mk[:, None] & mq[None, :], other=0.0)
         else:
             wt = tl.trans(_mix_tile(wb, q0, offs_q, mq, k0, offs_k, mk, L, M, WMODE, NB, WPREC))
-        dot1, dot2 = _rows2_t(db, rows_q, mq, sd_t, DV1, DV2, DV)
+        dot1, dot2 = _rows2_t(db, rows_q, mq, sd_t, DV1, DV2, DVT, DV)
         dpt = _scores(v1, v2, dot1, dot2, PREC, DV2 > 0)  # dO_t . v_u as [u, t]
         rq = bh.to(tl.int64) * N + offs_q
         if NORM > 0:
@@ -441,8 +469,8 @@ def _par_dkdv_kernel(
                               mask=(cj[:, None] < j_end) & (ci[None, :] < i_end))
     dkb = dk_ptr + b * sdk_b + h * sdk_h
     dvb = dv_ptr + b * sdv_b + h * sdv_h
-    _store_rows2(dkb, rows_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DK)
-    _store_rows2(dvb, rows_k, mk, sdv_t, dv1, dv2, DV1, DV2, DV)
+    _store_rows2(dkb, rows_k, mk, sdk_t, dk1 * scale, dk2 * scale, DK1, DK2, DKT, DK)
+    _store_rows2(dvb, rows_k, mk, sdv_t, dv1, dv2, DV1, DV2, DVT, DV)
 
 
 @triton.jit
@@ -513,14 +541,15 @@ def _ref_grad_kernel(
 # launchers
 
 
-def split_dim(d: int) -> tuple[int, int]:
-    """A head dim as a power-of-two tile plus a tail tile (0 when none): 72 -> (64, 16), 96 -> (64, 32)."""
+def split_dim(d: int, min_tail: int = 16) -> tuple[int, int]:
+    """A head dim as a power-of-two tile plus a tail tile of at least min_tail (0 when none):
+    72 -> (64, 16), 96 -> (64, 32); 72 -> (64, 32) with min_tail 32."""
     if d <= 16:
         return 16, 0
     d1 = 1 << (d.bit_length() - 1)
     if d1 == d:
         return d, 0
-    tail = _pow2(d - d1)
+    tail = max(_pow2(d - d1), min_tail)
     if tail >= d1:  # the split saves nothing
         return 2 * d1, 0
     return d1, tail
@@ -574,8 +603,16 @@ class ParallelTiles:
     # head dims as a power of two plus a tail tile (72 = 64 + 16); off by default: on the H200 with
     # triton 3.6 the split kernels gave NaN and illegal addresses at D = 72 (docs/kernels.md)
     split_dims: bool = False
+    # where the tail tile of a split head dim sits: "mask" (from column D1, columns past D masked at the
+    # load) or "window" (its last column is D - 1, columns below D1 zeroed after an unmasked load)
+    split_tail: str = "mask"
+    split_min_tail: int = 16  # the narrowest tail tile (16 or 32)
 
     def __post_init__(self) -> None:
+        if self.split_tail not in ("mask", "window"):
+            raise ValueError(f"split_tail must be 'mask' or 'window', got {self.split_tail!r}")
+        if self.split_min_tail not in (16, 32):
+            raise ValueError(f"split_min_tail must be 16 or 32, got {self.split_min_tail}")
         if self.w_mode not in W_MODES:
             raise ValueError(f"w_mode must be one of {W_MODES}, got {self.w_mode!r}")
         if self.dw_mode not in DW_MODES:
@@ -639,9 +676,15 @@ def _tiles_for(tiles: ParallelTiles, bq: int, bk: int, N: int, L: int) -> tuple[
     return bq, bk, wmode, nb
 
 
-def dim_tiles(d: int, split: bool) -> tuple[int, int]:
+def dim_tiles(d: int, split: bool, min_tail: int = 16) -> tuple[int, int]:
     """(main tile, tail tile) of a head dim: `split_dim` when splitting, else the padded power of two."""
-    return split_dim(d) if split else (_pow2(d), 0)
+    return split_dim(d, min_tail) if split else (_pow2(d), 0)
+
+
+def _dim_consts(d: int, tiles: ParallelTiles) -> tuple[int, int, int]:
+    """(main tile, tail tile, first column of the tail tile) of a head dim."""
+    d1, d2 = dim_tiles(d, tiles.split_dims, tiles.split_min_tail)
+    return d1, d2, (d - d2 if d2 and tiles.split_tail == "window" else d1)
 
 
 def _grid_args(rowmap: torch.Tensor | None, q: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -684,9 +727,10 @@ def _launch_consts(kernel: str, tiles: ParallelTiles, N: int, L: int, DK: int, D
     if kernel == "dkdv" and wmode == W_GATHER:  # the block sums of dW use the one-hot products
         wmode = W_ONEHOT if need_dw else W_GATHER
     fp32 = dtype == torch.float32
-    dk1, dk2 = dim_tiles(DK, tiles.split_dims)
-    dv1, dv2 = dim_tiles(DV, tiles.split_dims)
+    dk1, dk2, dkt = _dim_consts(DK, tiles)
+    dv1, dv2, dvt = _dim_consts(DV, tiles)
     consts = dict(DK=DK, DV=DV, DK1=dk1, DK2=dk2, DV1=dv1, DV2=dv2, DK2P=max(dk2, 16), DV2P=max(dv2, 16),
+                  DKT=dkt, DVT=dvt,
                   BQ=bq, BK=bk, NORM=norm, WMODE=wmode, NB=nb, PREC="ieee" if fp32 else "tf32",
                   WPREC="ieee" if fp32 else "tf32", GRID=grid,
                   num_warps=getattr(tiles, kernel + "_warps"), num_stages=getattr(tiles, kernel + "_stages"))

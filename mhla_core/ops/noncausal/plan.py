@@ -73,8 +73,8 @@ DEFAULT_CONFIG = NoncausalConfig()
 
 def parallel_cost(BH: int, N: int, L: int, DK: int, DV: int, cfg: NoncausalConfig) -> float:
     """Modelled seconds of one forward + backward on the parallel path."""
-    split = cfg.parallel.split_dims
-    flops = 8.0 * BH * N * N * (sum(dim_tiles(DK, split)) + sum(dim_tiles(DV, split)))
+    split, tail = cfg.parallel.split_dims, cfg.parallel.split_min_tail
+    flops = 8.0 * BH * N * N * (sum(dim_tiles(DK, split, tail)) + sum(dim_tiles(DV, split, tail)))
     rate = cfg.par_flops_scalar if L % 64 == 0 else cfg.par_flops_mixed
     return flops / rate + cfg.par_launch
 
