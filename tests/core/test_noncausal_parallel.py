@@ -111,6 +111,14 @@ def test_head_dim_72_padded_or_split(split):
     assert max(errs) < 1e-4, errs
 
 
+@pytest.mark.parametrize("split_tail,min_tail", [("window", 16), ("mask", 32), ("window", 32)])
+def test_head_dim_72_split_tail_settings(split_tail, min_tail):
+    """The tail tile as a window of real columns and/or 32 wide: equal to float64 here (GPU: docs/kernels.md)."""
+    tiles = _tiles(16, 16, split_dims=True, split_tail=split_tail, split_min_tail=min_tail)
+    errs = _errors(1, 2, 2, 16, 72, 72, False, True, "exact", tiles)
+    assert max(errs) < 1e-4, errs
+
+
 def test_outputs_keep_the_input_layout():
     """o of [B, H, N, D]-stored inputs comes back in that storage (no hidden copy)."""
     q = torch.rand(1, 2, 32, 16).transpose(1, 2)  # [B, N, H, D] view of [B, H, N, D]
