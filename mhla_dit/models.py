@@ -40,6 +40,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from timm.layers import Mlp, PatchEmbed
 
 from mhla_core import MHLA
+from mhla_core.softmax_baseline import SoftmaxBaseline
 
 ATTENTIONS = ("mhla", "softmax", "linear", "softmax_mhla_block")
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}  # depth, width, heads
@@ -112,9 +113,10 @@ class MHLAAttention(MHLA):
         return super().forward(self.norm(x), grid)
 
 
-class SoftmaxMHLABlockAttention(nn.Module):
-    """Softmax (SDPA) attention inside the MHLA DiT attention module: same sub-modules and names as
-    `MHLAAttention` (norm, qkv, q_norm / k_norm, lepe, proj, proj_drop), no blocks and no mixing.
+class SoftmaxMHLABlockAttention(SoftmaxBaseline):
+    """`mhla_core.softmax_baseline.SoftmaxBaseline` behind its own affine LayerNorm: the MHLA DiT attention
+    module (`MHLAAttention`) with softmax SDPA in place of MHLA. Same sub-modules and names (norm, qkv,
+    q_norm / k_norm, lepe, proj, proj_drop), no blocks and no mixing.
 
     Sub-modules are built in `MHLAAttention`'s order, so a model built under the same seed draws the same
     initial values for them.
@@ -122,32 +124,13 @@ class SoftmaxMHLABlockAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False,
                  lepe_kernel: int | None = 3, proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if lepe_kernel is not None and (not isinstance(lepe_kernel, int) or lepe_kernel < 1 or lepe_kernel % 2 == 0):
-            raise ValueError(f"lepe_kernel must be an odd int >= 1 (a same-size convolution) or None, "
-                             f"got {lepe_kernel!r}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
-        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, lepe_kernel=lepe_kernel,
+                         proj_drop=proj_drop)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """x: [B, N, C] tokens in row-major order of `grid` -> [B, N, C]."""
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
-        q, k = self.q_norm(q), self.k_norm(k)
-        heads = (B, N, self.num_heads, C // self.num_heads)
-        o = F.scaled_dot_product_attention(*(a.reshape(heads).transpose(1, 2) for a in (q, k, v)))
-        o = o.transpose(1, 2).reshape(B, N, C)
-        if self.lepe is not None:
-            o = o + self.lepe(v.transpose(1, 2).reshape(B, C, *grid)).reshape(B, C, N).transpose(1, 2)
-        return self.proj_drop(self.proj(o))
+        return super().forward(self.norm(x), grid)
 
 
 class DiTBlock(nn.Module):

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from mhla_core import MHLA
 from mhla_core.layout import BlockLayout, cached_layout
+from mhla_core.softmax_baseline import SoftmaxBaseline
 
 PAPER_PAD = {224: 256}  # image sides the paper zero-pads to a grid its 4x4-token blocks divide
 
@@ -209,54 +210,15 @@ class MHLAAttention(nn.Module):
         return self.mhla(self.norm(x), grid)
 
 
-class SoftmaxAttention(nn.Module):
-    """Softmax attention with the projections of `mhla_core.MHLA` over a 2D grid: qkv, q/k RMSNorm over the full
-    width, `F.scaled_dot_product_attention` (scale head_dim ** -0.5), LePE of v, output projection.
-
-    Submodules are created in MHLA's order under MHLA's names, so a state dict moves between the two
-    (MHLA's `mixing` aside) and one seed gives both the same initial weights.
-    """
+class SoftmaxAttention(SoftmaxBaseline):
+    """`mhla_core.softmax_baseline.SoftmaxBaseline` (softmax attention with MHLA's projections, names and
+    initial weights) with the classification defaults: a required patch grid and LePE 5x5."""
 
     def __init__(self, dim: int, num_heads: int, *, grid: tuple[int, int], qkv_bias: bool = False,
                  qk_norm: bool = False, lepe_kernel: int | None = 5, attn_drop: float = 0.0,
                  proj_drop: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if lepe_kernel is not None and (not isinstance(lepe_kernel, int) or lepe_kernel < 1 or lepe_kernel % 2 == 0):
-            raise ValueError(f"lepe_kernel must be an odd int >= 1 or None, got {lepe_kernel!r}")
-        self.grid = tuple(grid)
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(dim) if qk_norm else nn.Identity()
-        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def set_grid(self, grid: Sequence[int]) -> None:
-        """Make `grid` the default grid."""
-        self.grid = tuple(grid)
-
-    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: [B, N, C] in row-major order of `grid` (default: `self.grid`)."""
-        grid = tuple(grid) if grid is not None else self.grid
-        B, N, C = x.shape
-        if N != math.prod(grid) or C != self.dim:
-            raise ValueError(f"x is {tuple(x.shape)}, expected [B, {math.prod(grid)}, {self.dim}] for grid {grid}")
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = self.q_norm(q), self.k_norm(k)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        o = o.transpose(1, 2).reshape(B, N, C)
-        if self.lepe is not None:
-            o = o + self.lepe(v.transpose(1, 2).reshape(B, C, *grid)).reshape(B, C, N).transpose(1, 2)
-        return self.proj_drop(self.proj(o))
+        super().__init__(dim, num_heads, grid=grid, qkv_bias=qkv_bias, qk_norm=qk_norm, lepe_kernel=lepe_kernel,
+                         attn_drop=attn_drop, proj_drop=proj_drop)
 
 
 class SoftmaxBlockAttention(nn.Module):

@@ -20,21 +20,14 @@ section 6 documents that their code is wrong, the test asserts the documented di
   with W set to [[1]].
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from einops import rearrange
 
 from mhla_dit.checkpoints import remap_state_dict
 from mhla_dit.models import DiT
+from tests.authors_release import corrected, eager_compile, extract, load_module, report
 
-MIRROR = "/work/.mirror/DAGroup-PKU+MHLA/repo"
-REPO = os.environ.get("MHLA_AUTHORS_REPO", MIRROR)
 TINY = dict(patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=2, num_classes=10)
 BLOCK = 16  # tokens per block, 4x4 (their default; the paper's S/2 and XL/2 setting)
 
@@ -54,24 +47,13 @@ def _four_d(forward, block_size):
 @pytest.fixture
 def authors(tmp_path, monkeypatch):
     """Their `models` module (DiT_MHLA, MHLA4DiT, BlockDistanceConv), loaded from the release."""
-    if not Path(REPO).exists():
-        pytest.skip("the authors' release is not available (set MHLA_AUTHORS_REPO)")
-    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "mhla_dit/models.py", "mhla_dit/mhla",
-                              "mhla_dit/piecewise_patchembed.py"], capture_output=True, check=False)
-    if archive.returncode:
-        pytest.skip(f"cannot read the authors' release: {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    root = tmp_path / "mhla_dit"
+    root = extract(tmp_path, "mhla_dit/models.py", "mhla_dit/mhla", "mhla_dit/piecewise_patchembed.py") / "mhla_dit"
     mods = {}
     with monkeypatch.context() as m:
-        m.setattr(torch, "compile", lambda fn=None, **kw: fn if fn is not None else (lambda f: f))  # patch 2
+        m.setattr(torch, "compile", eager_compile)  # patch 2
         for name, rel in (("mhla", "mhla/__init__.py"), ("mhla.mhla", "mhla/mhla.py"),
                           ("piecewise_patchembed", "piecewise_patchembed.py"), ("models", "models.py")):
-            spec = importlib.util.spec_from_file_location(name, root / rel)
-            mod = importlib.util.module_from_spec(spec)
-            m.setitem(sys.modules, name, mod)  # their top-level module names, while their files import
-            spec.loader.exec_module(mod)
-            mods[name] = mod
+            mods[name] = load_module(m, name, root / rel)  # their top-level module names, while their files import
     attn = mods["mhla.mhla"].MHLA4DiT
     attn.forward = _four_d(attn.forward, BLOCK)  # patch 1 (their class, loaded afresh for this test)
     return mods["models"]
@@ -100,16 +82,6 @@ def ours_from(theirs, input_size, normalizer):
     ours = DiT(input_size=input_size, **TINY, block_size=BLOCK, normalizer=normalizer, backend="torch")
     ours.load_state_dict(remap_state_dict(theirs.state_dict()))  # the converter of `--init-from`
     return ours.to(next(theirs.parameters()).dtype).eval()
-
-
-def report(name, ours, theirs):
-    """Print and return the max abs difference and the max relative one, as max |diff| / max |theirs| (the
-    scale of the output); the elementwise max |diff| / |theirs| is printed too."""
-    diff = (ours - theirs).abs()
-    abs_, rel = diff.max().item(), (diff.max() / theirs.abs().max()).item()
-    elem = (diff / theirs.abs().clamp_min(torch.finfo(theirs.dtype).tiny)).max().item()
-    print(f"\n{name}: max abs diff {abs_:.3e}, max rel diff {rel:.3e} (elementwise {elem:.3e})")
-    return abs_, rel
 
 
 def inputs(input_size, dtype):
@@ -158,19 +130,6 @@ def test_reference_normaliser_matches_their_blocks(authors, dtype):
             report(f"DiT block {i}, reference normaliser, {dtype}", b, a)
             tol = 1e-4 if dtype == torch.float32 else 1e-10
             torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
-
-
-def corrected(attn, x):
-    """Their `MHLA4DiT.forward` with the denominator of docs/spec.md section 1: q_t . (sum_j W[i, j] z_j)."""
-    x = attn.norm(x)
-    B, N, W, C = x.shape
-    q, k, v, lepe = attn._mlp_lepe(x)
-    q, k, v = attn._process_qkv_impl(q, k, v, B, N, attn.num_heads, attn.head_dim)
-    kv = attn.piece_attn(torch.matmul(k, v))
-    z = attn.piece_attn(k.sum(dim=-1, keepdim=True))  # mixed key sums z~_i [B*H, M, D, 1]
-    out = torch.matmul(q, kv) / (torch.matmul(q, z) + attn.eps)
-    out = rearrange(out, "(b h) n w d -> b n w (h d)", b=B, h=attn.num_heads) + lepe
-    return attn.to_out(out)
 
 
 def test_exact_normaliser_is_their_attention_with_the_corrected_denominator(authors):

@@ -21,13 +21,8 @@ the queries of other blocks (W applied to the per-block products q_{j,w} . z_j).
 module with the denominator corrected to (s q_t) . z~_i, built from their own sub-modules.
 """
 
-import importlib.util
-import os
-import subprocess
 import sys
-import types
 from functools import partial
-from pathlib import Path
 
 import pytest
 import timm
@@ -36,9 +31,8 @@ import torch
 from einops import rearrange
 
 import mhla_image_classification  # noqa: F401  (registers the timm models)
+from tests.authors_release import corrected, eager_compile, extract, load_module, package, report
 
-MIRROR = "/work/.mirror/DAGroup-PKU+MHLA/repo"
-REPO = os.environ.get("MHLA_AUTHORS_REPO", MIRROR)
 PIECE, DIM, HEADS, DEPTH, CLASSES = 4, 24, 2, 2, 10  # 224 px padded to 256: a 16x16 patch grid, 16 blocks
 
 
@@ -60,31 +54,17 @@ class _Timm1015Block(tvt.Block):
 @pytest.fixture
 def authors(tmp_path, monkeypatch):
     """Their `models` package, loaded from the release (a dict of its three modules)."""
-    if not Path(REPO).exists():
-        pytest.skip("the authors' release is not available (set MHLA_AUTHORS_REPO)")
-    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "mhla_image_classification/models"],
-                             capture_output=True, check=False)
-    if archive.returncode:
-        pytest.skip(f"cannot read the authors' release: {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    root = tmp_path / "mhla_image_classification/models"
-
+    root = extract(tmp_path, "mhla_image_classification/models") / "mhla_image_classification/models"
     for name, path in (("models", root), ("models.modules", root / "modules"),
                        ("models.modules.attention", root / "modules/attention"),
                        ("models.modules.timm_block", root / "modules/timm_block")):
-        pkg = types.ModuleType(name)  # namespace stubs: their package __init__s are not needed
-        pkg.__path__ = [str(path)]
-        monkeypatch.setitem(sys.modules, name, pkg)
-    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: fn if fn is not None else (lambda f: f))  # patch 2
+        monkeypatch.setitem(sys.modules, name, package(name, path))  # their package __init__s are not needed
+    monkeypatch.setattr(torch, "compile", eager_compile)  # patch 3
     monkeypatch.setattr(tvt, "Block", _Timm1015Block)  # patch 1, while their block class is defined
     mods = {}
     for name, rel in (("attention", "modules/attention/mhla.py"), ("block", "modules/timm_block/mhla.py"),
                       ("vit", "mhla_vit.py")):
-        spec = importlib.util.spec_from_file_location(f"models.{rel[:-3].replace('/', '.')}", root / rel)
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, mod)
-        spec.loader.exec_module(mod)
-        mods[name] = mod
+        mods[name] = load_module(monkeypatch, f"models.{rel[:-3].replace('/', '.')}", root / rel)
     monkeypatch.undo()  # their classes keep what they bound; timm, torch and sys.modules are restored
     return mods
 
@@ -132,16 +112,6 @@ def randomise(model):
                 p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1))
 
 
-def report(name, ours, theirs):
-    """Print and return the max abs difference and the max relative one, as max |diff| / max |theirs| (the
-    scale of the output); the elementwise max |diff| / |theirs| is printed too."""
-    diff = (ours - theirs).abs()
-    abs_, rel = diff.max().item(), (diff.max() / theirs.abs().max()).item()
-    elem = (diff / theirs.abs().clamp_min(torch.finfo(theirs.dtype).tiny)).max().item()
-    print(f"\n{name}: max abs diff {abs_:.3e}, max rel diff {rel:.3e} (elementwise {elem:.3e})")
-    return abs_, rel
-
-
 def ours_from(theirs, normalizer):
     ours = timm.create_model("mhla_deit_tiny_patch16_224", embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
                              num_classes=CLASSES, normalizer=normalizer)
@@ -166,20 +136,6 @@ def test_reference_normaliser_matches_their_model(authors, dtype):
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
     torch.testing.assert_close(fb, fa, rtol=tol, atol=tol * fa.abs().max().item())
-
-
-def corrected(attn, x):
-    """Their `MHLA_Normed_Torch.forward` with the denominator of docs/spec.md section 1:
-    q_t . (sum_j W[i, j] z_j)."""
-    x = attn.norm(x)
-    B, N, W, C = x.shape
-    q, k, v, lepe = attn._mlp_lepe(x)
-    q, k, v = attn._process_qkv_impl(q, k, v, B, N, attn.num_heads, attn.head_dim)
-    kv = attn.piece_attn(torch.matmul(k, v))
-    z = attn.piece_attn(k.sum(dim=-1, keepdim=True))  # mixed key sums z~_i [B*H, M, D, 1]
-    out = torch.matmul(q, kv) / (torch.matmul(q, z) + attn.eps)
-    out = rearrange(out, "(b h) n w d -> b n w (h d)", b=B, h=attn.num_heads) + lepe
-    return attn.to_out(out)
 
 
 def test_exact_normaliser_is_their_attention_with_the_corrected_denominator(authors):

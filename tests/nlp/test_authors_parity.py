@@ -29,11 +29,8 @@ section 6 documents that their code is wrong, the test asserts the documented di
 
 import contextlib
 import importlib
-import os
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,9 +38,8 @@ import triton
 
 from mhla_core import chunk_mhla
 from mhla_nlp.layers.mhla import MHLAAttention
+from tests.authors_release import eager_compile, extract, package, report
 
-MIRROR = "/work/.mirror/DAGroup-PKU+MHLA/repo"
-REPO = os.environ.get("MHLA_AUTHORS_REPO", MIRROR)
 pytestmark = pytest.mark.filterwarnings("ignore:Triton is not supported on current platform",
                                         "ignore:tl.make_block_ptr is deprecated")
 TINY = dict(hidden_size=64, expand_k=0.5, expand_v=1.0, num_heads=2, norm_eps=1e-6)  # head dims 16 and 32
@@ -56,24 +52,15 @@ def _is_fla(name):
 @pytest.fixture
 def authors(tmp_path, monkeypatch):
     """Their `fla.layers.mhla` and `fla.ops.mhla.naive` modules, loaded from the release."""
-    if not Path(REPO).exists():
-        pytest.skip("the authors' release is not available (set MHLA_AUTHORS_REPO)")
-    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "mhla_nlp/fla"], capture_output=True, check=False)
-    if archive.returncode:
-        pytest.skip(f"cannot read the authors' release: {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    root = tmp_path / "mhla_nlp/fla"
-
+    root = extract(tmp_path, "mhla_nlp/fla") / "mhla_nlp/fla"
     installed = {k: v for k, v in sys.modules.items() if _is_fla(k)}  # the installed fla, which ours uses
     for k in installed:
         del sys.modules[k]
     try:
         for name, path in (("fla", root), ("fla.layers", root / "layers"), ("fla.ops", root / "ops")):
-            pkg = types.ModuleType(name)  # patch 1
-            pkg.__path__ = [str(path)]
-            sys.modules[name] = pkg
+            sys.modules[name] = package(name, path)  # patch 1
         with monkeypatch.context() as m:
-            m.setattr(torch, "compile", lambda fn=None, **kw: fn if fn is not None else (lambda f: f))  # patch 2
+            m.setattr(torch, "compile", eager_compile)  # patch 2
             autotune = triton.autotune
             m.setattr(triton, "autotune", lambda configs, *a, **k: autotune(configs[:1], *a, **k))  # patch 3
             utils = importlib.import_module("fla.utils")
@@ -111,16 +98,6 @@ def ours_from(theirs):
     ours = MHLAAttention(**TINY, layer_idx=0, backend="torch")
     ours.load_state_dict(theirs.state_dict())  # the mixing [32, 32, 1, 1, 1, 1] is reshaped by a load pre-hook
     return ours.eval()
-
-
-def report(name, ours, theirs):
-    """Print and return the max abs difference and the max relative one, as max |diff| / max |theirs| (the
-    scale of the output); the elementwise max |diff| / |theirs| is printed too."""
-    diff = (ours - theirs).abs()
-    abs_, rel = diff.max().item(), (diff.max() / theirs.abs().max()).item()
-    elem = (diff / theirs.abs().clamp_min(torch.finfo(theirs.dtype).tiny)).max().item()
-    print(f"\n{name}: max abs diff {abs_:.3e}, max rel diff {rel:.3e} (elementwise {elem:.3e})")
-    return abs_, rel
 
 
 @pytest.mark.parametrize("T", [48, 150], ids=["one-chunk", "three-chunks"])

@@ -4,22 +4,15 @@ Needs their release: set MHLA_AUTHORS_REPO to a git clone (or bare mirror) of DA
 Their softmax attention (flash-attn, CUDA only) is replaced by SDPA; everything else is their code.
 """
 
-import importlib.util
 import logging
-import os
-import subprocess
 import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mhla_videogen.convert import convert_released
-
-MIRROR = "/work/.mirror/DAGroup-PKU+MHLA/repo"
-REPO = os.environ.get("MHLA_AUTHORS_REPO", MIRROR)
+from tests.authors_release import extract, load_module, package
 
 
 def _sdpa(q, k, v, q_lens=None, k_lens=None, **kw):
@@ -28,19 +21,11 @@ def _sdpa(q, k, v, q_lens=None, k_lens=None, **kw):
 
 @pytest.fixture
 def authors(tmp_path, monkeypatch):
-    if not Path(REPO).exists():
-        pytest.skip("the authors' release is not available (set MHLA_AUTHORS_REPO)")
-    archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD", "mhla_videogen/diffusion/model/wan"],
-                             capture_output=True, check=False)
-    if archive.returncode:
-        pytest.skip(f"cannot read the authors' release: {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
-    root = tmp_path / "mhla_videogen/diffusion/model/wan"
+    wan = "mhla_videogen/diffusion/model/wan"
+    root = extract(tmp_path, wan) / wan
 
     def stub(name, **attrs):
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        m.__path__ = []
+        m = package(name, **attrs)
         monkeypatch.setitem(sys.modules, name, m)
         return m
 
@@ -58,11 +43,7 @@ def authors(tmp_path, monkeypatch):
     stub("diffusion.model.wan.attention", block_sparse_attention=None, flash_attention=_sdpa)
     mods = {}
     for name in ("mhla_utils", "model"):
-        spec = importlib.util.spec_from_file_location(f"diffusion.model.wan.{name}", root / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, spec.name, mod)
-        spec.loader.exec_module(mod)
-        mods[name] = mod
+        mods[name] = load_module(monkeypatch, f"diffusion.model.wan.{name}", root / f"{name}.py")
     mods["model"].flash_attention = _sdpa
     return mods["model"]
 
