@@ -41,6 +41,8 @@ VARIANTS = {
     "stationary, fp32 I32 w4": {**WS, "mix_ws_kernel_fp32": {"block_i": 32, "num_warps": 4}},
     "stationary, fp32 I64": {**WS, "mix_ws_kernel_fp32": {"block_i": 64}},
     "tiled mix": {"mix_impl": "triton"},
+    "mix matmul": {"mix_impl": "matmul"},  # cuBLAS: tf32 for fp32 states, bf16 for bf16 ones
+    "mix matmul bf16": {"mix_impl": "matmul", "mix_prec_half": "bf16"},
 }
 
 TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)
