@@ -43,6 +43,7 @@ VARIANTS = {
     "tiled mix": {"mix_impl": "triton"},
     "mix matmul": {"mix_impl": "matmul"},  # cuBLAS: tf32 for fp32 states, bf16 for bf16 ones
     "mix matmul bf16": {"mix_impl": "matmul", "mix_prec_half": "bf16"},
+    "no cuBLAS in auto": {"mix_matmul_m_multiple": 0},  # the defaults before cuBLAS mixing at M % 64 == 0
 }
 
 TINY = {"tiny": (1, 2, 40 * 3, 16, 40)}  # CPU smoke run under the interpreter (--tiny)

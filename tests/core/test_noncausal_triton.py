@@ -150,6 +150,7 @@ def test_state_variant_choice():
 @pytest.mark.parametrize("bad,field", [
     (lambda: StateConfig(variant="fast"), "variant"),
     (lambda: StateConfig(mix_impl="cublas"), "mix_impl"),
+    (lambda: StateConfig(mix_matmul_m_multiple=-1), "mix_matmul_m_multiple"),
     (lambda: StateConfig(mix_prec_half="fp16"), "mix_prec_half"),
     (lambda: StateConfig(max_block_dv=96), "max_block_dv"),
     (lambda: StateConfig(fp32_block_t=8), "fp32_block_t"),
@@ -399,6 +400,30 @@ def test_backward_operand_precision_follows_normaliser():
                             (torch.bfloat16, K.NORM_NONE, False), (torch.float16, K.NORM_NONE, True)):
         q = torch.empty(1, 4 * 16, 2, 16, dtype=dtype)
         assert K.make_plan(q, q, 16, 4, norm, cfg).hp == hp
+
+
+def test_auto_mixing_takes_cublas_on_cuda_for_multiples_of_64():
+    """mix_impl "auto": cuBLAS for CUDA states when M is a multiple of mix_matmul_m_multiple, never on the CPU
+    or with 0 (a stand-in with is_cuda set runs the M rule)."""
+    from mhla_core.ops.noncausal import mix as MX
+
+    class _Cuda:
+        is_cuda = True
+
+    for M, k, want in ((64, 64, True), (256, 64, True), (150, 64, False), (600, 64, False), (64, 0, False)):
+        q = torch.empty(1, M * 4, 2, 16, dtype=torch.bfloat16)
+        plan = K.make_plan(q, q, 4, M, K.NORM_EXACT, replace(default_state_config(), mix_matmul_m_multiple=k))
+        assert MX._matmul_pays(plan, _Cuda()) == want, (M, k)
+        assert not MX._matmul_pays(plan, torch.empty(0))
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("normalize,normalizer", VARIANTS)
+def test_cublas_mixing_output_dtypes(state_dtype, normalize, normalizer):
+    """The cuBLAS mixing writes bf16 forward states and fp32 backward ones itself (per-head W, M = 8)."""
+    cfg = _config("state", mix_impl="matmul", state_dtype=state_dtype)
+    err, errs = _compare(2, 2, 8, 4, 16, 16, True, normalize, normalizer, dtype=torch.bfloat16, config=cfg)
+    assert err < TOL[torch.bfloat16], errs
 
 
 def test_auto_mixing_choice():

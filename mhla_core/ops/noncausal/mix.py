@@ -4,7 +4,8 @@ A block's state row X_j (fp32, or bf16 with `StateConfig.state_dtype`; `chunk.py
 GEMM over blocks per (b, h): X~ = W X forward, dX = W^T dX~ backward (`StateConfig.mix_impl`): by
 `_mix_ws_kernel` (W rows held by each program while it streams columns of X; "stationary", and "auto"
 where `_stationary_pays`), by `_mix_kernel` (a tiled GEMM that reloads W tiles; "triton", and "auto"
-otherwise; in place when one program covers all M rows), or by one broadcast cuBLAS GEMM ("matmul").
+otherwise; in place when one program covers all M rows), or by one batched cuBLAS GEMM ("matmul", and "auto"
+on CUDA when M is a multiple of 64).
 dW = sum_b dX~ X^T comes from `_dw_kernel`'s partial sums over column splits.
 """
 
@@ -154,33 +155,50 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W X (or W^T X) over blocks for every (b, h), by the Triton kernel or cuBLAS (`StateConfig.mix_impl`),
     in `out_dtype` (default x.dtype). bf16 states take bf16 operands (W rounded too), fp32 ones the plan's
-    mixing precision. "auto" takes the weight-stationary kernel where `_stationary_pays` (H200,
-    2026-12-02: Wan forward 0.305 vs 0.424 ms with bf16 operands), the tiled one otherwise."""
+    mixing precision. "auto" takes cuBLAS where `_matmul_pays`, else the weight-stationary kernel where
+    `_stationary_pays` (H200, 2026-12-02: Wan forward 0.305 vs 0.424 ms with bf16 operands), else the
+    tiled one."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
     impl = p.config.mix_impl
-    if impl == "matmul":
-        return _mix_matmul(p, w3, x, trans).to(out_dtype)
+    if impl == "matmul" or (impl == "auto" and _matmul_pays(p, x)):
+        return _mix_matmul(p, w3, x, trans, out_dtype)
     inplace_ok = inplace_ok and out_dtype == x.dtype
     if impl == "stationary" or (impl == "auto" and _stationary_pays(p, x)):
         return _mix_stationary(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
     return _mix_triton(p, w3, sw_h, x, trans, inplace_ok, out_dtype)
 
 
-def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool) -> torch.Tensor:
-    """The mixing as one broadcast batched GEMM (tf32, or bf16 operands with `mix_prec_half="bf16"` or
-    bf16 states).
+def _matmul_pays(p: Plan, x: torch.Tensor) -> bool:
+    """mix_impl "auto": cuBLAS on CUDA when M is a multiple of `StateConfig.mix_matmul_m_multiple` (0: never).
+    H200, 2026-12-02 (docs/kernels.md): cuBLAS's mixing GEMMs took 0.41 ms of one DiT-XL/2 512 fwd+bwd
+    (M = 64) against 1.14 for `_mix_ws`, forward 0.46 vs 0.88 ms at DiT-XL/2 512 and 1024 (M = 256);
+    at Wan (M = 150) its forward was slower, 0.356 vs 0.302 ms."""
+    k = p.config.mix_matmul_m_multiple
+    return x.is_cuda and k > 0 and p.M % k == 0
+
+
+def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The mixing as one batched cuBLAS GEMM per call, written in `out_dtype` by the GEMM itself: bf16
+    operands (bf16 states, or `mix_prec_half="bf16"`) with fp32 accumulation, else fp32 operands in the
+    plan's precision (tf32 switched on for this call only).
 
     Columns past p.row (row padding) are multiplied too; each output column depends only on the same
     input column, so whatever they hold never reaches the used columns.
     """
     w = w3.transpose(-1, -2) if trans else w3
-    xv = x.view(p.B, p.H, p.M, p.row_stride)
+    BH, M, RS = x.shape
+    wb = (w.expand(BH, M, M) if w.dim() == 2 else w.unsqueeze(0).expand(p.B, p.H, M, M).reshape(BH, M, M))
     if _bf16_operands(p, x):
-        return torch.matmul(w.to(torch.bfloat16), xv.to(torch.bfloat16)).to(x.dtype).view_as(x)
+        a, b = wb.to(torch.bfloat16), x.to(torch.bfloat16)
+        if out_dtype == torch.bfloat16:
+            return torch.bmm(a, b)
+        if x.is_cuda:
+            return torch.bmm(a, b, out_dtype=torch.float32).to(out_dtype)
+        return torch.bmm(a.float(), b.float()).to(out_dtype)  # the same exact products, fp32 sums
     allow = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = p.mix_prec == "tf32"
     try:
-        return torch.matmul(w, xv).view_as(x)
+        return torch.bmm(wb, x).to(out_dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
 
