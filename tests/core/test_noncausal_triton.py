@@ -151,6 +151,7 @@ def test_state_variant_choice():
     (lambda: StateConfig(variant="fast"), "variant"),
     (lambda: StateConfig(mix_impl="cublas"), "mix_impl"),
     (lambda: StateConfig(mix_matmul_m_multiple=-1), "mix_matmul_m_multiple"),
+    (lambda: StateConfig(mix_matmul_min_rows=1.5), "mix_matmul_min_rows"),
     (lambda: StateConfig(mix_prec_half="fp16"), "mix_prec_half"),
     (lambda: StateConfig(max_block_dv=96), "max_block_dv"),
     (lambda: StateConfig(fp32_block_t=8), "fp32_block_t"),
@@ -403,17 +404,19 @@ def test_backward_operand_precision_follows_normaliser():
 
 
 def test_auto_mixing_takes_cublas_on_cuda_for_multiples_of_64():
-    """mix_impl "auto": cuBLAS for CUDA states when M is a multiple of mix_matmul_m_multiple, never on the CPU
-    or with 0 (a stand-in with is_cuda set runs the M rule)."""
+    """mix_impl "auto": cuBLAS for CUDA states when M is a multiple of mix_matmul_m_multiple and B H M reaches
+    mix_matmul_min_rows, never on the CPU or with 0 (a stand-in with is_cuda set runs the rule)."""
     from mhla_core.ops.noncausal import mix as MX
 
     class _Cuda:
         is_cuda = True
 
-    for M, k, want in ((64, 64, True), (256, 64, True), (150, 64, False), (600, 64, False), (64, 0, False)):
-        q = torch.empty(1, M * 4, 2, 16, dtype=torch.bfloat16)
-        plan = K.make_plan(q, q, 4, M, K.NORM_EXACT, replace(default_state_config(), mix_matmul_m_multiple=k))
-        assert MX._matmul_pays(plan, _Cuda()) == want, (M, k)
+    for M, k, rows, want in ((64, 64, 128, True), (256, 64, 512, True), (150, 64, 0, False), (600, 64, 0, False),
+                             (64, 0, 0, False), (64, 64, 129, False)):
+        q = torch.empty(1, M * 4, 2, 16, dtype=torch.bfloat16)  # B H M = 2 M rows
+        cfg = replace(default_state_config(), mix_matmul_m_multiple=k, mix_matmul_min_rows=rows)
+        plan = K.make_plan(q, q, 4, M, K.NORM_EXACT, cfg)
+        assert MX._matmul_pays(plan, _Cuda()) == want, (M, k, rows)
         assert not MX._matmul_pays(plan, torch.empty(0))
 
 

@@ -169,12 +169,13 @@ def _mix(p: Plan, w3: torch.Tensor, sw_h: int, x: torch.Tensor, trans: bool, inp
 
 
 def _matmul_pays(p: Plan, x: torch.Tensor) -> bool:
-    """mix_impl "auto": cuBLAS on CUDA when M is a multiple of `StateConfig.mix_matmul_m_multiple` (0: never).
-    H200, 2026-12-02 (docs/kernels.md): cuBLAS's mixing GEMMs took 0.41 ms of one DiT-XL/2 512 fwd+bwd
-    (M = 64) against 1.14 for `_mix_ws`, forward 0.46 vs 0.88 ms at DiT-XL/2 512 and 1024 (M = 256);
-    at Wan (M = 150) its forward was slower, 0.356 vs 0.302 ms."""
+    """mix_impl "auto": cuBLAS on CUDA when M is a multiple of `StateConfig.mix_matmul_m_multiple` (0: never)
+    and there are at least `mix_matmul_min_rows` state rows (B H M). H200, 2026-12-02 (docs/kernels.md):
+    fwd+bwd DiT-XL/2 512 (M = 64, 16,384 rows) 2.86 vs 3.60 ms, DiT-XL/2 1024 (M = 256, 16,384 rows) 3.22 vs
+    4.52; at 4K (M = 64, 768 rows) 1.86 vs 1.51 with the reference normaliser; at Wan (M = 150) its forward
+    was slower, 0.356 vs 0.302 ms."""
     k = p.config.mix_matmul_m_multiple
-    return x.is_cuda and k > 0 and p.M % k == 0
+    return x.is_cuda and k > 0 and p.M % k == 0 and p.B * p.H * p.M >= p.config.mix_matmul_min_rows
 
 
 def _mix_matmul(p: Plan, w3: torch.Tensor, x: torch.Tensor, trans: bool, out_dtype: torch.dtype) -> torch.Tensor:

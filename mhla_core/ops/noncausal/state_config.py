@@ -150,7 +150,7 @@ class StateConfig:
         programs hold W [block_i, next_pow2(M)] in registers, so for small M; settings `mix_ws_kernel` for
         bf16 operands, `mix_ws_kernel_fp32` for tf32 ones), "auto" (stationary while next_pow2(M) <=
         mix_ws_max_m, else triton; before all that, on CUDA, "matmul" when M is a multiple of
-        mix_matmul_m_multiple, 0 for never), "triton" (the `_mix` kernel, in place) or "matmul" (one
+        mix_matmul_m_multiple, 0 for never, and B H M >= mix_matmul_min_rows), "triton" (the `_mix` kernel, in place) or "matmul" (one
         batched cuBLAS GEMM writing its output dtype itself, with one more state buffer; H200: faster at
         DiT-XL/2 512 and 1024, M = 64 and 256, slower at Wan, M = 150; docs/kernels.md).
     bwd_tf32_half: when the backward's products with S~ (numerator recompute, dq) of half inputs take
@@ -181,6 +181,7 @@ class StateConfig:
     mix_ws_kernel_fp32: MixStationaryLaunch = field(default_factory=lambda: MixStationaryLaunch(128, 64, 8, 2))
     mix_ws_max_m: int = 256
     mix_matmul_m_multiple: int = 64
+    mix_matmul_min_rows: int = 4096
     dw_kernel: DwLaunch = field(default_factory=DwLaunch)
     max_block_dv: int = 128
     max_block_dv_fp32: int = 64
@@ -212,6 +213,8 @@ class StateConfig:
             _check_block("StateConfig.", name, getattr(self, name))
         if not _is_int(self.mix_ws_max_m) or self.mix_ws_max_m < 1:
             raise ValueError(f"StateConfig.mix_ws_max_m must be an int >= 1, got {self.mix_ws_max_m!r}")
+        if not _is_int(self.mix_matmul_min_rows) or self.mix_matmul_min_rows < 0:
+            raise ValueError(f"StateConfig.mix_matmul_min_rows must be an int >= 0, got {self.mix_matmul_min_rows!r}")
         if not _is_int(self.mix_matmul_m_multiple) or self.mix_matmul_m_multiple < 0:
             raise ValueError("StateConfig.mix_matmul_m_multiple must be an int >= 0 (0: never cuBLAS in 'auto'), "
                              f"got {self.mix_matmul_m_multiple!r}")
